@@ -1,0 +1,3 @@
+from tagcli.cli import main
+
+main()

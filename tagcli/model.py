@@ -1,0 +1,296 @@
+"""The logistic-regression head over the approved tags, and the model artifact.
+
+An artifact is a folder:
+
+    head.joblib          the fitted TagHead
+    manifest.json        tags, embedding model, metrics, checksums, versions
+    validation.parquet   the validation split, the default set for `tagcli eval`
+    fitted_rows.txt      content keys of the rows the saved head was fitted on
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tagcli.errors import TagcliError
+
+HEAD_FILE = "head.joblib"
+MANIFEST_FILE = "manifest.json"
+VALIDATION_FILE = "validation.parquet"
+FITTED_ROWS_FILE = "fitted_rows.txt"
+MANIFEST_FORMAT = 1
+
+
+@dataclass
+class TagHead:
+    """Logistic regression on the embedding, optionally beside TF-IDF text features.
+
+    `tags` is the approved list in its configured order; probability columns
+    follow that order, and a tag the training data lacked gets probability 0.
+    """
+
+    classifier: object
+    vectorizer: object | None
+    tags: list[str]
+
+    def features(self, embeddings, texts: list[str]):
+        if self.vectorizer is None:
+            return embeddings
+        from scipy.sparse import csr_matrix, hstack
+
+        return hstack([csr_matrix(embeddings), self.vectorizer.transform(texts)]).tocsr()
+
+    def predict_proba(self, embeddings, texts: list[str]):
+        """Return probabilities of shape (rows, len(tags)), each row summing to 1."""
+        import numpy as np
+
+        fitted = self.classifier.predict_proba(self.features(embeddings, texts))
+        probabilities = np.zeros((fitted.shape[0], len(self.tags)), dtype=np.float64)
+        for column, tag in enumerate(self.classifier.classes_):
+            probabilities[:, self.tags.index(tag)] = fitted[:, column]
+        return probabilities
+
+    def predict(self, embeddings, texts: list[str]) -> list[str]:
+        probabilities = self.predict_proba(embeddings, texts)
+        return [self.tags[i] for i in probabilities.argmax(axis=1)]
+
+
+@dataclass(frozen=True)
+class HeadSettings:
+    """Hyperparameters of the head other than C."""
+
+    lexical: bool
+    class_weight: str
+    seed: int
+
+
+def fit_head(embeddings, texts, labels, tags, c_value: float, settings: HeadSettings) -> TagHead:
+    """Fit a TagHead with inverse regularisation strength `c_value`."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    vectorizer = None
+    if settings.lexical:
+        vectorizer = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=2)
+        vectorizer.fit(texts)
+    head = TagHead(classifier=None, vectorizer=vectorizer, tags=list(tags))
+    head.classifier = LogisticRegression(
+        C=c_value,
+        class_weight=None if settings.class_weight == "none" else settings.class_weight,
+        max_iter=5000,
+        random_state=settings.seed,
+    )
+    head.classifier.fit(head.features(embeddings, texts), labels)
+    return head
+
+
+def choose_c(embeddings, texts, labels, tags, c_grid, folds: int, settings: HeadSettings):
+    """Pick C by stratified k-fold cross-validation on weighted F1.
+
+    Returns (best C, {C: mean weighted F1}). The TF-IDF vocabulary is fitted
+    inside each fold, so no fold sees its own test rows.
+    """
+    import numpy as np
+    from sklearn.metrics import f1_score
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = np.asarray(labels)
+    smallest_class = min(np.unique(labels, return_counts=True)[1])
+    folds = max(2, min(folds, smallest_class))
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=settings.seed)
+    scores: dict[float, float] = {}
+    for c_value in c_grid:
+        fold_scores = []
+        for train_index, test_index in splitter.split(embeddings, labels):
+            head = fit_head(
+                embeddings[train_index],
+                [texts[i] for i in train_index],
+                labels[train_index],
+                tags,
+                c_value,
+                settings,
+            )
+            predicted = head.predict(embeddings[test_index], [texts[i] for i in test_index])
+            fold_scores.append(
+                f1_score(labels[test_index], predicted, average="weighted", zero_division=0)
+            )
+        scores[float(c_value)] = float(np.mean(fold_scores))
+    best = max(scores, key=lambda c: (scores[c], -c))
+    return best, scores
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = [
+        "tagcli",
+        "scikit-learn",
+        "sentence-transformers",
+        "torch",
+        "transformers",
+        "numpy",
+        "polars",
+        "pyarrow",
+        "ray",
+        "joblib",
+    ]
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def new_version_name(models_dir: Path) -> str:
+    """Return a folder name for a new artifact that sorts after every earlier one."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    name = f"model-{stamp}"
+    suffix = 1
+    while (models_dir / name).exists():
+        suffix += 1
+        name = f"model-{stamp}-{suffix}"
+    return name
+
+
+def save_artifact(
+    target: Path,
+    head: TagHead,
+    manifest: dict,
+    validation_frame,
+    fitted_keys: list[str],
+) -> Path:
+    """Write the artifact folder to `target` atomically and return `target`.
+
+    Files go to a hidden sibling folder first, which is renamed into place, so
+    `newest_artifact` never sees a half-written artifact. Adds the head's sha256
+    and the creation time to `manifest`.
+    """
+    import joblib
+
+    target = Path(target)
+    if target.exists() and any(target.iterdir()):
+        raise TagcliError(
+            f"{target}: the output folder exists and is not empty; choose a new "
+            "folder for --output or remove this one."
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.partial-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        joblib.dump(head, staging / HEAD_FILE)
+        validation_frame.write_parquet(staging / VALIDATION_FILE)
+        (staging / FITTED_ROWS_FILE).write_text("\n".join(sorted(fitted_keys)) + "\n")
+        manifest["format"] = MANIFEST_FORMAT
+        manifest["created_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        manifest["files"] = {
+            name: sha256_file(staging / name)
+            for name in (HEAD_FILE, VALIDATION_FILE, FITTED_ROWS_FILE)
+        }
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        if target.exists():
+            target.rmdir()
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return target
+
+
+def newest_artifact(models_dir: Path) -> Path:
+    """Return the newest artifact folder under `models_dir`, or raise TagcliError."""
+    models_dir = Path(models_dir)
+    candidates = []
+    if models_dir.is_dir():
+        candidates = sorted(
+            child
+            for child in models_dir.iterdir()
+            if child.is_dir()
+            and not child.name.startswith(".")
+            and (child / MANIFEST_FILE).is_file()
+        )
+    if not candidates:
+        raise TagcliError(
+            f"No trained model found in {models_dir}; run `tagcli train DATA` first, "
+            "or pass --model DIR."
+        )
+    return candidates[-1]
+
+
+@dataclass
+class Artifact:
+    path: Path
+    manifest: dict
+    head: TagHead
+
+    @property
+    def tags(self) -> list[str]:
+        return list(self.manifest["tags"]["approved"])
+
+    def fitted_keys(self) -> set[str]:
+        return set((self.path / FITTED_ROWS_FILE).read_text().split())
+
+
+def load_artifact(path: Path, approved_tags: list[str]) -> Artifact:
+    """Load and check an artifact folder.
+
+    Raises TagcliError when the manifest is missing or invalid, when a file's
+    sha256 differs from the manifest (a changed or corrupt head), or when the
+    artifact's approved tags differ from `approved_tags` in the configuration.
+    joblib runs code while loading, so the checksum is verified first; still,
+    load only artifacts you trust.
+    """
+    import joblib
+
+    path = Path(path)
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise TagcliError(
+            f"{path}: not a tagcli model folder ({MANIFEST_FILE} not found); "
+            "pass a folder written by `tagcli train`."
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        recorded = manifest["files"]
+        artifact_tags = manifest["tags"]["approved"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise TagcliError(f"{manifest_path}: invalid manifest ({error}); retrain the model.") from error
+
+    for name, expected in recorded.items():
+        file_path = path / name
+        if not file_path.is_file():
+            raise TagcliError(f"{file_path}: file listed in the manifest is missing; retrain the model.")
+        actual = sha256_file(file_path)
+        if actual != expected:
+            raise TagcliError(
+                f"{file_path}: sha256 {actual[:12]}… does not match the manifest's "
+                f"{expected[:12]}…; the file was changed or is corrupt. Retrain, or "
+                "restore the artifact from a trusted copy."
+            )
+
+    if list(artifact_tags) != list(approved_tags):
+        raise TagcliError(
+            f"{path}: the model was trained for tags {artifact_tags}, but the "
+            f"configuration approves {approved_tags}; retrain with the current "
+            "tags or restore [tags] approved in tagcli.toml."
+        )
+
+    head = joblib.load(path / HEAD_FILE)
+    return Artifact(path=path, manifest=manifest, head=head)

@@ -1,0 +1,250 @@
+"""`tagcli train`: labeled rows in, a versioned model artifact out.
+
+Steps: read and validate, map unapproved tags to the fallback, stratified split,
+embed, choose C by cross-validation, fit, validate, refit on all rows (optional),
+save the artifact.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tagcli.config import Config
+from tagcli.embed import ModelSpec, embed_texts, load_encoder
+from tagcli.errors import TagcliError
+from tagcli.evaluate import compute_metrics
+from tagcli.io import read_table
+from tagcli.model import (
+    HeadSettings,
+    choose_c,
+    fit_head,
+    new_version_name,
+    package_versions,
+    save_artifact,
+    sha256_file,
+)
+from tagcli.text import compose_text, content_key
+
+log = logging.getLogger(__name__)
+
+LABELED_COLUMNS = ("id", "title", "description", "tag")
+# At least this many rows per tag, so a stratified split leaves one on each side.
+MIN_ROWS_PER_TAG = 2
+
+
+@dataclass
+class LabeledData:
+    """Labeled rows after tag mapping; `mapped` counts rows per unapproved original tag."""
+
+    frame: object
+    mapped: dict[str, int] = field(default_factory=dict)
+
+
+def load_labeled(path: Path, config: Config) -> LabeledData:
+    """Read a labeled CSV or Parquet file and map unapproved tags to the fallback.
+
+    Raises TagcliError naming the file and rows for empty tags or rows with
+    neither title nor description.
+    """
+    import polars as pl
+
+    frame = read_table(path, LABELED_COLUMNS)
+    frame = frame.with_columns(pl.col("tag").cast(pl.Utf8).str.strip_chars())
+
+    _reject_rows(
+        path,
+        frame,
+        pl.col("tag").is_null() | (pl.col("tag") == ""),
+        "have an empty tag",
+        "fill in the tag or remove the rows",
+    )
+    _reject_rows(
+        path,
+        frame,
+        (pl.col("title").str.strip_chars() == "")
+        & (pl.col("description").str.strip_chars() == ""),
+        "have neither a title nor a description",
+        "fill in the text or remove the rows",
+    )
+
+    approved = config.tags.approved
+    unapproved = frame.filter(~pl.col("tag").is_in(approved))["tag"].to_list()
+    mapped = dict(sorted(Counter(unapproved).items()))
+    if mapped:
+        frame = frame.with_columns(
+            pl.when(pl.col("tag").is_in(approved))
+            .then(pl.col("tag"))
+            .otherwise(pl.lit(config.tags.fallback))
+            .alias("tag")
+        )
+    return LabeledData(frame=frame, mapped=mapped)
+
+
+def _reject_rows(path: Path, frame, condition, problem: str, fix: str) -> None:
+    rows = frame.with_row_index("row", offset=1).filter(condition)["row"].to_list()
+    if rows:
+        shown = ", ".join(str(row) for row in rows[:10])
+        more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
+        raise TagcliError(
+            f"{path}: {len(rows)} row(s) {problem} (data rows {shown}{more}, "
+            f"counting from 1 after the header); {fix}."
+        )
+
+
+def texts_of(frame) -> list[str]:
+    return [
+        compose_text(title, description)
+        for title, description in zip(frame["title"].to_list(), frame["description"].to_list())
+    ]
+
+
+def check_trainable(path: Path, tags: list[str], config: Config) -> None:
+    """Raise TagcliError when the labels cannot give a stratified split and a classifier."""
+    counts = Counter(tags)
+    if len(counts) < 2:
+        only = next(iter(counts), "(none)")
+        raise TagcliError(
+            f"{path}: the tag column has only one class ({only!r}) after mapping "
+            "unapproved tags; a classifier needs rows of at least two approved tags."
+        )
+    too_few = {tag: n for tag, n in counts.items() if n < MIN_ROWS_PER_TAG}
+    if too_few:
+        listed = ", ".join(f"{tag} ({n})" for tag, n in sorted(too_few.items()))
+        raise TagcliError(
+            f"{path}: too few rows to split for tag(s) {listed}; each tag needs at "
+            f"least {MIN_ROWS_PER_TAG} rows. Add rows or drop the tag from the data."
+        )
+    validation_rows = round(len(tags) * config.train.validation_fraction)
+    if validation_rows < len(counts):
+        raise TagcliError(
+            f"{path}: {len(tags)} rows give a validation split of {validation_rows} "
+            f"row(s), fewer than the {len(counts)} tags; add rows or raise "
+            "[train] validation_fraction."
+        )
+
+
+@dataclass
+class TrainResult:
+    artifact: Path
+    manifest: dict
+    mapped: dict[str, int]
+    rows: int
+    seconds: float
+
+
+def train(data_path: Path, config: Config, output: Path | None = None) -> TrainResult:
+    """Train a head on `data_path` and save an artifact; return where and what."""
+    import numpy as np
+    from sklearn.model_selection import train_test_split
+
+    started = time.monotonic()
+    data_path = Path(data_path)
+    labeled = load_labeled(data_path, config)
+    frame = labeled.frame
+    labels = frame["tag"].to_list()
+    check_trainable(data_path, labels, config)
+    seed = config.train.seed
+
+    # Split first, on row positions, so the validation rows are never seen by CV.
+    positions = np.arange(frame.height)
+    train_index, validation_index = train_test_split(
+        positions,
+        test_size=config.train.validation_fraction,
+        stratify=labels,
+        random_state=seed,
+    )
+    train_index = np.sort(train_index)
+    validation_index = np.sort(validation_index)
+
+    spec = ModelSpec(config.embedding.model, config.embedding.offline)
+    log.info("Embedding %d rows with %s", frame.height, spec.model_id())
+    encoder = load_encoder(spec)
+    texts = texts_of(frame)
+    embeddings = embed_texts(encoder, texts, config.embedding.batch_size)
+    label_array = np.asarray(labels)
+    tags = config.tags.approved
+    settings = HeadSettings(
+        lexical=config.train.lexical_features,
+        class_weight=config.train.class_weight,
+        seed=seed,
+    )
+
+    def subset(index):
+        return embeddings[index], [texts[i] for i in index], label_array[index]
+
+    train_embeddings, train_texts, train_labels = subset(train_index)
+    best_c, cv_scores = choose_c(
+        train_embeddings,
+        train_texts,
+        train_labels,
+        tags,
+        config.train.c_grid,
+        config.train.cv_folds,
+        settings,
+    )
+    head = fit_head(train_embeddings, train_texts, train_labels, tags, best_c, settings)
+
+    validation_embeddings, validation_texts, validation_labels = subset(validation_index)
+    validation_frame = frame[validation_index.tolist()]
+    predicted = head.predict(validation_embeddings, validation_texts)
+    metrics = compute_metrics(
+        validation_frame["title"].to_list(),
+        validation_frame["description"].to_list(),
+        validation_labels.tolist(),
+        predicted,
+        tags,
+    )
+
+    fitted_index = train_index
+    if config.train.refit_on_all:
+        head = fit_head(embeddings, texts, label_array, tags, best_c, settings)
+        fitted_index = positions
+    fitted_keys = [
+        content_key(frame["title"][int(i)], frame["description"][int(i)]) for i in fitted_index
+    ]
+
+    manifest = {
+        "tags": {"approved": list(tags), "fallback": config.tags.fallback},
+        "embedding": {
+            "model": spec.setting,
+            "model_id": spec.model_id(),
+            "dimension": int(embeddings.shape[1]),
+            "offline": spec.offline,
+        },
+        "head": {
+            "type": "LogisticRegression",
+            "C": best_c,
+            "cv_weighted_f1": cv_scores,
+            "lexical_features": settings.lexical,
+            "class_weight": settings.class_weight,
+            "fitted_on": "all_rows" if config.train.refit_on_all else "train_split",
+            "fitted_rows": len(fitted_index),
+        },
+        "training_data": {
+            "path": str(data_path),
+            "sha256": sha256_file(data_path),
+            "rows": frame.height,
+            "train_rows": len(train_index),
+            "validation_rows": len(validation_index),
+            "seed": seed,
+            "tag_counts": dict(sorted(Counter(labels).items())),
+            "mapped_to_fallback": labeled.mapped,
+        },
+        "validation_metrics": metrics,
+        "package_versions": package_versions(),
+    }
+
+    models_dir = config.paths.models_dir
+    target = Path(output) if output else models_dir / new_version_name(models_dir)
+    save_artifact(target, head, manifest, validation_frame, fitted_keys)
+    return TrainResult(
+        artifact=target,
+        manifest=manifest,
+        mapped=labeled.mapped,
+        rows=frame.height,
+        seconds=time.monotonic() - started,
+    )
