@@ -81,7 +81,9 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         level = logging.DEBUG
     if quiet:
         level = logging.ERROR
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     # sentence-transformers and transformers log progress at INFO.
     for noisy in ("sentence_transformers", "transformers", "ray", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
@@ -95,10 +97,14 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     type=click.Path(dir_okay=False),
     help="tagcli.toml to read. Default: $TAGCLI_CONFIG, then ./tagcli.toml.",
 )
-@click.option("-v", "--verbose", count=True, help="Log more: -v for steps, -vv for debug.")
+@click.option(
+    "-v", "--verbose", count=True, help="Log more: -v for steps, -vv for debug."
+)
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @click.pass_context
-def main(ctx: click.Context, config_path: str | None, verbose: int, quiet: bool) -> None:
+def main(
+    ctx: click.Context, config_path: str | None, verbose: int, quiet: bool
+) -> None:
     """Tag machine-learning content with one approved tag each.
 
     Train a logistic-regression head on sentence-transformers embeddings, tag
@@ -116,13 +122,21 @@ def main(ctx: click.Context, config_path: str | None, verbose: int, quiet: bool)
     type=click.Path(file_okay=False, path_type=Path),
     help="Folder for the model artifact. Default: a new versioned folder under [paths] models_dir.",
 )
-@click.option("--seed", type=int, help="Seed of the split and the head. Default: [train] seed.")
+@click.option(
+    "--seed", type=int, help="Seed of the split and the head. Default: [train] seed."
+)
 @click.option(
     "--embedding-model",
     help='Embedding model: "bundled", a local folder or a hub name. Default: [embedding] model.',
 )
 @click.pass_obj
-def train(obj: _Obj, data: Path, output: Path | None, seed: int | None, embedding_model: str | None) -> None:
+def train(
+    obj: _Obj,
+    data: Path,
+    output: Path | None,
+    seed: int | None,
+    embedding_model: str | None,
+) -> None:
     """Train a model on labeled DATA (CSV or Parquet: id, title, description, tag)."""
     from tagcli.train import train as run_train
 
@@ -159,7 +173,11 @@ def train(obj: _Obj, data: Path, output: Path | None, seed: int | None, embeddin
 
 
 def _default_output(input_path: Path) -> Path:
-    suffix = input_path.suffix if input_path.suffix.lower() in (".csv", ".parquet") else ".parquet"
+    suffix = (
+        input_path.suffix
+        if input_path.suffix.lower() in (".csv", ".parquet")
+        else ".parquet"
+    )
     return input_path.with_name(f"{input_path.stem}.tagged{suffix}")
 
 
@@ -183,13 +201,19 @@ def _default_output(input_path: Path) -> Path:
     envvar="RAY_ADDRESS",
     help="Ray cluster to join (also RAY_ADDRESS, [ray] address). Default: start a local instance.",
 )
-@click.option("--workers", type=int, help="Embedding actors. Default: one per CPU Ray reports.")
+@click.option(
+    "--workers", type=int, help="Embedding actors. Default: one per CPU Ray reports."
+)
 @click.option(
     "--cpus-per-worker",
     type=float,
     help="CPUs each embedding actor reserves. Default: leaves one CPU free for reading and writing.",
 )
-@click.option("--batch-size", type=int, help="Rows per Ray Data batch. Default: [ray] batch_size (1024).")
+@click.option(
+    "--batch-size",
+    type=int,
+    help="Rows per Ray Data batch. Default: [ray] batch_size (1024).",
+)
 @click.pass_obj
 def tag(
     obj: _Obj,
@@ -244,7 +268,9 @@ def _print_tag_summary(console, summary) -> None:
         table.add_row(f"  tag {name}", str(count))
     console.print(table)
     if summary.renamed_columns:
-        renamed = ", ".join(f"{old} -> {new}" for old, new in summary.renamed_columns.items())
+        renamed = ", ".join(
+            f"{old} -> {new}" for old, new in summary.renamed_columns.items()
+        )
         console.print(f"Input columns renamed to avoid output columns: {renamed}.")
     console.print(
         f"Model {summary.model}; {summary.workers} embedding worker(s); "
@@ -267,7 +293,9 @@ def _print_tag_summary(console, summary) -> None:
     help="Also write the metrics as JSON to this file ('-' for standard output).",
 )
 @click.pass_obj
-def evaluate(obj: _Obj, data: Path | None, model_dir: Path | None, json_path: Path | None) -> None:
+def evaluate(
+    obj: _Obj, data: Path | None, model_dir: Path | None, json_path: Path | None
+) -> None:
     """Evaluate a model on labeled DATA. Default: the model's validation split.
 
     Reports weighted precision, recall and F1, the same per tag and per slice,
@@ -281,8 +309,12 @@ def evaluate(obj: _Obj, data: Path | None, model_dir: Path | None, json_path: Pa
     to_stdout = json_path is not None and str(json_path) == "-"
     console = _console(stderr=to_stdout)
     if report["mapped_to_fallback"]:
-        mapped = ", ".join(f"{tag}: {n}" for tag, n in report["mapped_to_fallback"].items())
-        console.print(f"Mapped rows with unapproved tags to the fallback tag ({mapped}).")
+        mapped = ", ".join(
+            f"{tag}: {n}" for tag, n in report["mapped_to_fallback"].items()
+        )
+        console.print(
+            f"Mapped rows with unapproved tags to the fallback tag ({mapped})."
+        )
     if report["leak"]["overlapping_rows"]:
         leak = report["leak"]
         click.echo(
@@ -293,7 +325,8 @@ def evaluate(obj: _Obj, data: Path | None, model_dir: Path | None, json_path: Pa
             err=True,
         )
     if not obj.quiet:
-        render_metrics(console, report["metrics"], f"Evaluation of {report['model']} on {report['data']}")
+        console.print(f"Model: {report['model']}\nData: {report['data']}")
+        render_metrics(console, report["metrics"], "Evaluation")
 
     if json_path is not None:
         text = json.dumps(report, indent=2) + "\n"

@@ -20,7 +20,9 @@ class WorkerPlan:
     torch_threads: int
 
 
-def plan_workers(total_cpus: float, num_workers: int = 0, cpus_per_worker: float = 0.0) -> WorkerPlan:
+def plan_workers(
+    total_cpus: float, num_workers: int = 0, cpus_per_worker: float = 0.0
+) -> WorkerPlan:
     """Size the actor pool so that one CPU stays free for read and write tasks.
 
     Ray Data's read and write tasks need a CPU of their own. When the actors
@@ -63,7 +65,9 @@ def connect(address: str | None) -> bool:
         # about constructor arguments on every run; Ray's own log files keep it.
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
 
-    runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    runtime_env = {
+        "env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    }
     options = dict(
         include_dashboard=False,
         log_to_driver=False,

@@ -91,7 +91,9 @@ class Config:
         if len(approved) < 2:
             raise ConfigError(f"{where}: [tags] approved needs at least two tags.")
         if len(set(approved)) != len(approved):
-            raise ConfigError(f"{where}: [tags] approved lists a tag twice: {approved}.")
+            raise ConfigError(
+                f"{where}: [tags] approved lists a tag twice: {approved}."
+            )
         if self.tags.fallback not in approved:
             raise ConfigError(
                 f"{where}: [tags] fallback {self.tags.fallback!r} is not in approved "
@@ -115,7 +117,7 @@ class Config:
             )
         if self.train.class_weight not in ("balanced", "none"):
             raise ConfigError(
-                f"{where}: [train] class_weight must be \"balanced\" or \"none\", "
+                f'{where}: [train] class_weight must be "balanced" or "none", '
                 f"got {self.train.class_weight!r}."
             )
         if self.embedding.batch_size < 1 or self.ray.batch_size < 1:
@@ -207,9 +209,19 @@ def _apply_section(path: Path, section_name: str, section: Any, values: dict) ->
         setattr(section, key, _coerce(path, f"{section_name}.{key}", current, value))
 
 
+_TYPE_NAMES = {
+    Path: "a non-empty path string",
+    bool: "true or false",
+    float: "a number",
+    int: "an integer",
+    str: "a string",
+    list: "a list",
+}
+
+
 def _coerce(path: Path, name: str, current: Any, value: Any) -> Any:
     """Convert a TOML value to the type of the default, or raise ConfigError."""
-    expected = type(current)
+    expected = Path if isinstance(current, Path) else type(current)
     if isinstance(current, Path):
         if isinstance(value, str) and value:
             return Path(value).expanduser()
@@ -228,6 +240,4 @@ def _coerce(path: Path, name: str, current: Any, value: Any) -> Any:
     elif isinstance(current, list):
         if isinstance(value, list):
             return list(value)
-    raise ConfigError(
-        f"{path}: {name} must be a {expected.__name__}, got {value!r}."
-    )
+    raise ConfigError(f"{path}: {name} must be {_TYPE_NAMES[expected]}, got {value!r}.")

@@ -75,10 +75,12 @@ def load_encoder(spec: ModelSpec, threads: int | None = None):
     if looks_local and not Path(path).expanduser().is_dir():
         raise TagcliError(
             f"Embedding model folder {path} not found; set [embedding] model in "
-            "tagcli.toml to an existing folder, a hub name, or \"bundled\"."
+            'tagcli.toml to an existing folder, a hub name, or "bundled".'
         )
     try:
-        return SentenceTransformer(str(Path(path).expanduser()) if looks_local else path, device="cpu")
+        return SentenceTransformer(
+            str(Path(path).expanduser()) if looks_local else path, device="cpu"
+        )
     except OSError as error:
         hint = (
             " It is not in the local Hugging Face cache and offline = true; "
@@ -87,7 +89,9 @@ def load_encoder(spec: ModelSpec, threads: int | None = None):
             if spec.offline
             else ""
         )
-        raise TagcliError(f"Cannot load embedding model {path!r}: {error}.{hint}") from error
+        raise TagcliError(
+            f"Cannot load embedding model {path!r}: {error}.{hint}"
+        ) from error
 
 
 def embed_texts(encoder, texts: list[str], batch_size: int = 64):
@@ -95,7 +99,9 @@ def embed_texts(encoder, texts: list[str], batch_size: int = 64):
     import numpy as np
 
     if not texts:
-        return np.zeros((0, encoder.get_sentence_embedding_dimension()), dtype=np.float32)
+        return np.zeros(
+            (0, encoder.get_sentence_embedding_dimension()), dtype=np.float32
+        )
     return encoder.encode(
         texts,
         batch_size=batch_size,

@@ -6,7 +6,9 @@ import re
 from collections.abc import Callable
 
 SHORT_TEXT_WORDS = 8
-_TRANSFORMER_WORDS = re.compile(r"\b(llms?|large language models?|transformers?|bert\w*)\b", re.IGNORECASE)
+_TRANSFORMER_WORDS = re.compile(
+    r"\b(llms?|large language models?|transformers?|bert\w*)\b", re.IGNORECASE
+)
 
 
 def _short_text(title: str, description: str, tag: str) -> bool:
@@ -184,7 +186,9 @@ def evaluate_model(config, data_path=None, model_dir=None) -> dict:
 
     titles = frame["title"].to_list()
     descriptions = frame["description"].to_list()
-    metrics = compute_metrics(titles, descriptions, frame["tag"].to_list(), predicted, artifact.tags)
+    metrics = compute_metrics(
+        titles, descriptions, frame["tag"].to_list(), predicted, artifact.tags
+    )
 
     fitted = artifact.fitted_keys()
     overlapping = sum(content_key(t, d) in fitted for t, d in zip(titles, descriptions))

@@ -55,7 +55,9 @@ def read_csv_header(path: Path) -> list[str]:
             f"{error.start}); save the file as UTF-8."
         ) from error
     if not header:
-        raise TagcliError(f"{path}: no header line found; the first line must name the columns.")
+        raise TagcliError(
+            f"{path}: no header line found; the first line must name the columns."
+        )
     return header
 
 
@@ -100,7 +102,9 @@ def read_table(path: Path, required: Iterable[str]):
                 encoding="utf8",
             )
         except pl.exceptions.ComputeError as error:
-            raise TagcliError(f"{path}: cannot parse the CSV file: {_first_line(error)}") from error
+            raise TagcliError(
+                f"{path}: cannot parse the CSV file: {_first_line(error)}"
+            ) from error
     else:
         import pyarrow.parquet as pq
 

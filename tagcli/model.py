@@ -44,7 +44,9 @@ class TagHead:
             return embeddings
         from scipy.sparse import csr_matrix, hstack
 
-        return hstack([csr_matrix(embeddings), self.vectorizer.transform(texts)]).tocsr()
+        return hstack(
+            [csr_matrix(embeddings), self.vectorizer.transform(texts)]
+        ).tocsr()
 
     def predict_proba(self, embeddings, texts: list[str]):
         """Return probabilities of shape (rows, len(tags)), each row summing to 1."""
@@ -70,7 +72,9 @@ class HeadSettings:
     seed: int
 
 
-def fit_head(embeddings, texts, labels, tags, c_value: float, settings: HeadSettings) -> TagHead:
+def fit_head(
+    embeddings, texts, labels, tags, c_value: float, settings: HeadSettings
+) -> TagHead:
     """Fit a TagHead with inverse regularisation strength `c_value`."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
@@ -90,7 +94,9 @@ def fit_head(embeddings, texts, labels, tags, c_value: float, settings: HeadSett
     return head
 
 
-def choose_c(embeddings, texts, labels, tags, c_grid, folds: int, settings: HeadSettings):
+def choose_c(
+    embeddings, texts, labels, tags, c_grid, folds: int, settings: HeadSettings
+):
     """Pick C by stratified k-fold cross-validation on weighted F1.
 
     Returns (best C, {C: mean weighted F1}). The TF-IDF vocabulary is fitted
@@ -116,9 +122,13 @@ def choose_c(embeddings, texts, labels, tags, c_grid, folds: int, settings: Head
                 c_value,
                 settings,
             )
-            predicted = head.predict(embeddings[test_index], [texts[i] for i in test_index])
+            predicted = head.predict(
+                embeddings[test_index], [texts[i] for i in test_index]
+            )
             fold_scores.append(
-                f1_score(labels[test_index], predicted, average="weighted", zero_division=0)
+                f1_score(
+                    labels[test_index], predicted, average="weighted", zero_division=0
+                )
             )
         scores[float(c_value)] = float(np.mean(fold_scores))
     best = max(scores, key=lambda c: (scores[c], -c))
@@ -199,7 +209,9 @@ def save_artifact(
         validation_frame.write_parquet(staging / VALIDATION_FILE)
         (staging / FITTED_ROWS_FILE).write_text("\n".join(sorted(fitted_keys)) + "\n")
         manifest["format"] = MANIFEST_FORMAT
-        manifest["created_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        manifest["created_at"] = datetime.now(timezone.utc).isoformat(
+            timespec="seconds"
+        )
         manifest["files"] = {
             name: sha256_file(staging / name)
             for name in (HEAD_FILE, VALIDATION_FILE, FITTED_ROWS_FILE)
@@ -271,12 +283,16 @@ def load_artifact(path: Path, approved_tags: list[str]) -> Artifact:
         recorded = manifest["files"]
         artifact_tags = manifest["tags"]["approved"]
     except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise TagcliError(f"{manifest_path}: invalid manifest ({error}); retrain the model.") from error
+        raise TagcliError(
+            f"{manifest_path}: invalid manifest ({error}); retrain the model."
+        ) from error
 
     for name, expected in recorded.items():
         file_path = path / name
         if not file_path.is_file():
-            raise TagcliError(f"{file_path}: file listed in the manifest is missing; retrain the model.")
+            raise TagcliError(
+                f"{file_path}: file listed in the manifest is missing; retrain the model."
+            )
         actual = sha256_file(file_path)
         if actual != expected:
             raise TagcliError(

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tagcli.cluster import connect, cluster_cpus, plan_workers
+from tagcli.cluster import cluster_cpus, connect, plan_workers
 from tagcli.config import Config
 from tagcli.embed import ModelSpec
 from tagcli.errors import TagcliError
@@ -47,7 +47,14 @@ class TagWorker:
     crashed actor from restarting once those arguments are freed.
     """
 
-    def __init__(self, head_ref: list, spec: ModelSpec, threads: int, batch_size: int, renames: dict):
+    def __init__(
+        self,
+        head_ref: list,
+        spec: ModelSpec,
+        threads: int,
+        batch_size: int,
+        renames: dict,
+    ):
         import ray
 
         from tagcli.embed import load_encoder
@@ -58,7 +65,9 @@ class TagWorker:
         self.renames = renames
 
     def __call__(self, batch):
-        return classify_batch(batch, self.encoder, self.head, self.batch_size, self.renames)
+        return classify_batch(
+            batch, self.encoder, self.head, self.batch_size, self.renames
+        )
 
 
 def classify_batch(batch, encoder, head, batch_size: int, renames: dict):
@@ -70,7 +79,9 @@ def classify_batch(batch, encoder, head, batch_size: int, renames: dict):
     from tagcli.text import compose_text
 
     if renames:
-        batch = batch.rename_columns([renames.get(name, name) for name in batch.column_names])
+        batch = batch.rename_columns(
+            [renames.get(name, name) for name in batch.column_names]
+        )
     titles = _text_column(batch, "title")
     descriptions = _text_column(batch, "description")
     texts = [compose_text(t, d) for t, d in zip(titles, descriptions)]
@@ -85,7 +96,9 @@ def classify_batch(batch, encoder, head, batch_size: int, renames: dict):
         "confidence": pa.array(probabilities[np.arange(len(best)), best], pa.float64()),
     }
     for index, tag in enumerate(tags):
-        columns[PROBABILITY_PREFIX + tag] = pa.array(probabilities[:, index], pa.float64())
+        columns[PROBABILITY_PREFIX + tag] = pa.array(
+            probabilities[:, index], pa.float64()
+        )
     for name, values in columns.items():
         batch = batch.append_column(name, values)
     return batch
@@ -196,17 +209,23 @@ def tag(
 
     started_ray = connect(address or config.ray.address)
     try:
-        plan = plan_workers(cluster_cpus(), config.ray.num_workers, config.ray.cpus_per_worker)
+        plan = plan_workers(
+            cluster_cpus(), config.ray.num_workers, config.ray.cpus_per_worker
+        )
         summary.workers = plan.num_workers
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True
         context.enable_progress_bars = False
         context.print_on_execution_start = False
 
-        spec = ModelSpec(artifact.manifest["embedding"]["model"], config.embedding.offline)
+        spec = ModelSpec(
+            artifact.manifest["embedding"]["model"], config.embedding.offline
+        )
         dataset = _read_dataset(input_path, columns)
         # Blocks of at most one batch, and at least one block per worker.
-        rows_per_block = max(1, min(config.ray.batch_size, -(-rows_read // plan.num_workers)))
+        rows_per_block = max(
+            1, min(config.ray.batch_size, -(-rows_read // plan.num_workers))
+        )
         dataset = dataset.repartition(target_num_rows_per_block=rows_per_block)
         head_ref = ray.put(artifact.head)
         dataset = dataset.map_batches(

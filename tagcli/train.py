@@ -98,7 +98,9 @@ def _reject_rows(path: Path, frame, condition, problem: str, fix: str) -> None:
 def texts_of(frame) -> list[str]:
     return [
         compose_text(title, description)
-        for title, description in zip(frame["title"].to_list(), frame["description"].to_list())
+        for title, description in zip(
+            frame["title"].to_list(), frame["description"].to_list()
+        )
     ]
 
 
@@ -188,7 +190,9 @@ def train(data_path: Path, config: Config, output: Path | None = None) -> TrainR
     )
     head = fit_head(train_embeddings, train_texts, train_labels, tags, best_c, settings)
 
-    validation_embeddings, validation_texts, validation_labels = subset(validation_index)
+    validation_embeddings, validation_texts, validation_labels = subset(
+        validation_index
+    )
     validation_frame = frame[validation_index.tolist()]
     predicted = head.predict(validation_embeddings, validation_texts)
     metrics = compute_metrics(
@@ -204,7 +208,8 @@ def train(data_path: Path, config: Config, output: Path | None = None) -> TrainR
         head = fit_head(embeddings, texts, label_array, tags, best_c, settings)
         fitted_index = positions
     fitted_keys = [
-        content_key(frame["title"][int(i)], frame["description"][int(i)]) for i in fitted_index
+        content_key(frame["title"][int(i)], frame["description"][int(i)])
+        for i in fitted_index
     ]
 
     manifest = {
