@@ -30,7 +30,12 @@ def _console(stderr: bool = False):
     from rich.console import Console
 
     no_color = "NO_COLOR" in os.environ
-    return Console(stderr=stderr, no_color=no_color, highlight=False)
+    stream = sys.stderr if stderr else sys.stdout
+    # Off a terminal rich assumes 80 columns; log files and cron mail take wider lines.
+    width = None if stream.isatty() else 120
+    return Console(
+        stderr=stderr, no_color=no_color, highlight=False, width=width, soft_wrap=True
+    )
 
 
 class _Obj:
@@ -87,6 +92,10 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     # sentence-transformers and transformers log progress at INFO.
     for noisy in ("sentence_transformers", "transformers", "ray", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    # Progress lines replace the progress bar when standard error is not a terminal.
+    logging.getLogger("tagcli.progress").setLevel(
+        logging.ERROR if quiet else logging.INFO
+    )
 
 
 @click.group(cls=TagcliGroup, epilog=EXIT_CODES_HELP)
@@ -172,24 +181,58 @@ def train(
     )
 
 
-def _default_output(input_path: Path) -> Path:
+def _default_output(input_path: Path) -> str:
+    """Return INPUT's name with .tagged before the extension; a folder gets a folder."""
+    if input_path.is_dir():
+        return f"{input_path.with_name(input_path.name + '.tagged')}{os.sep}"
     suffix = (
         input_path.suffix
         if input_path.suffix.lower() in (".csv", ".parquet")
         else ".parquet"
     )
-    return input_path.with_name(f"{input_path.stem}.tagged{suffix}")
+    return str(input_path.with_name(f"{input_path.stem}.tagged{suffix}"))
 
 
-@main.command(epilog=EXIT_CODES_HELP)
+TAG_HELP = """Tag every row of INPUT with one approved tag.
+
+\b
+INPUT is a CSV or Parquet file, or a folder of them, with the columns id,
+title and description. The output holds every input column plus tag,
+confidence and one prob_<tag> column per approved tag. -o names a .csv or
+.parquet file, or a folder (ending with /) of part files.
+
+\b
+Where the embedding runs (--executor):
+  auto   in-process when the input has at most [ray] max_local_rows rows
+         (default 2000) and no cluster address is set, otherwise on Ray
+  ray    always on Ray: a local instance, or the cluster at --address
+  local  always in-process, on this machine's CPUs
+Both paths give the same tags; probabilities can differ around the 7th
+decimal place, because the encoder pads texts in different groups.
+
+\b
+A progress bar shows on a terminal; otherwise a log line every 10 s.
+"""
+
+
+@main.command(help=TAG_HELP, epilog=EXIT_CODES_HELP)
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @click.option(
     "-o",
     "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Output file; .csv or .parquet sets the format. Default: INPUT's name with .tagged before the extension.",
+    # A str, not a Path: a trailing slash marks a folder output.
+    type=click.Path(),
+    help="Output file (.csv or .parquet) or folder (ending with /). "
+    "Default: INPUT's name with .tagged before the extension.",
 )
-@click.option("--overwrite", is_flag=True, help="Replace the output file if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace the output if it exists.")
+@click.option(
+    "--output-format",
+    type=click.Choice(["parquet", "csv"]),
+    default="parquet",
+    show_default=True,
+    help="Format of the part files when the output is a folder.",
+)
 @click.option(
     "--model",
     "model_dir",
@@ -197,40 +240,49 @@ def _default_output(input_path: Path) -> Path:
     help="Model artifact folder. Default: the newest under [paths] models_dir.",
 )
 @click.option(
-    "--address",
-    envvar="RAY_ADDRESS",
-    help="Ray cluster to join (also RAY_ADDRESS, [ray] address). Default: start a local instance.",
+    "--executor",
+    type=click.Choice(["auto", "ray", "local"]),
+    default="auto",
+    show_default=True,
+    help="Where to embed: see above.",
 )
 @click.option(
-    "--workers", type=int, help="Embedding actors. Default: one per CPU Ray reports."
+    "--address",
+    envvar="RAY_ADDRESS",
+    help="Ray cluster to join, such as 127.0.0.1:6379 (also RAY_ADDRESS, "
+    "[ray] address). Default: start a local instance.",
+)
+@click.option(
+    "--workers",
+    type=int,
+    help="Embedding actors on Ray. Default: one per CPU in the cluster.",
 )
 @click.option(
     "--cpus-per-worker",
     type=float,
-    help="CPUs each embedding actor reserves. Default: leaves one CPU free for reading and writing.",
+    help="CPUs each embedding actor reserves. Default: together all CPUs but one, "
+    "so read and write tasks always get a CPU.",
 )
 @click.option(
     "--batch-size",
     type=int,
-    help="Rows per Ray Data batch. Default: [ray] batch_size (1024).",
+    help="Rows per batch handed to an embedding actor. Default: [ray] batch_size (1024).",
 )
 @click.pass_obj
 def tag(
     obj: _Obj,
     input_path: Path,
-    output: Path | None,
+    output: str | None,
     overwrite: bool,
+    output_format: str,
     model_dir: Path | None,
+    executor: str,
     address: str | None,
     workers: int | None,
     cpus_per_worker: float | None,
     batch_size: int | None,
 ) -> None:
-    """Tag every row of INPUT (CSV or Parquet with id, title, description).
-
-    Writes every input column plus tag, confidence and one prob_<tag> column per
-    approved tag.
-    """
+    from tagcli.pipeline import TagOptions
     from tagcli.pipeline import tag as run_tag
 
     config = obj.config
@@ -242,15 +294,16 @@ def tag(
         config.ray.batch_size = batch_size
     config.validate()
 
+    options = TagOptions(
+        model_dir=model_dir,
+        address=address,
+        executor=executor,
+        overwrite=overwrite,
+        folder_format=output_format,
+        show_progress=not obj.quiet,
+    )
     output = output or _default_output(input_path)
-    if output.exists() and not overwrite:
-        raise TagcliError(
-            f"{output}: the output file exists; pass --overwrite to replace it or "
-            "choose another path with -o.",
-            exit_code=2,
-        )
-
-    summary = run_tag(input_path, output, config, model_dir=model_dir, address=address)
+    summary = run_tag(input_path, output, config, options)
     if obj.quiet:
         return
     _print_tag_summary(_console(), summary)
@@ -272,10 +325,12 @@ def _print_tag_summary(console, summary) -> None:
             f"{old} -> {new}" for old, new in summary.renamed_columns.items()
         )
         console.print(f"Input columns renamed to avoid output columns: {renamed}.")
-    console.print(
-        f"Model {summary.model}; {summary.workers} embedding worker(s); "
-        f"{summary.seconds:.1f} s."
+    where = (
+        "in-process"
+        if summary.executor == "local"
+        else f"on Ray, {summary.workers} worker(s)"
     )
+    console.print(f"Model {summary.model}; embedded {where}; {summary.seconds:.1f} s.")
 
 
 @main.command(name="eval", epilog=EXIT_CODES_HELP)

@@ -11,41 +11,53 @@ from tagcli.errors import TagcliError
 log = logging.getLogger(__name__)
 
 
+AUTO = -1.0
+
+
 @dataclass(frozen=True)
 class WorkerPlan:
-    """How many embedding actors run, the CPUs each reserves, and its torch threads."""
+    """How many embedding actors run, the CPUs each reserves, and its torch threads.
+
+    `spread` asks Ray to place the actors on as many nodes as it can.
+    """
 
     num_workers: int
     cpus_per_worker: float
     torch_threads: int
+    spread: bool
 
 
 def plan_workers(
-    total_cpus: float, num_workers: int = 0, cpus_per_worker: float = 0.0
+    node_cpus: list[float], num_workers: int = 0, cpus_per_worker: float = AUTO
 ) -> WorkerPlan:
-    """Size the actor pool so that one CPU stays free for read and write tasks.
+    """Size the actor pool so that a whole CPU stays free for Ray Data's own tasks.
 
-    Ray Data's read and write tasks need a CPU of their own. When the actors
-    reserve every CPU, the read task never gets one and the job hangs, so by
-    default there is one actor per CPU, each reserving (CPUs - 1) / CPUs of a
-    CPU. Each actor runs torch on one thread, because Ray sets an actor's thread
-    count from its CPU reservation, which would round 0.5 down to 1 anyway.
+    Ray Data's file listing, read and write tasks each reserve a whole CPU on
+    one node (Ray 2.60). When the actors reserve the rest, those tasks never
+    start and the job hangs. So by default there is one actor per CPU in the
+    cluster, spread over the nodes, each reserving (C - 1) / C of a CPU, where C
+    is the CPU count of the smallest node: every node keeps about one CPU free.
+    On one 2-CPU machine that is two actors at 0.5 CPU. Each actor runs torch on
+    one thread unless it reserves more than one CPU.
     """
-    total = max(1.0, float(total_cpus))
+    node_cpus = [cpus for cpus in node_cpus if cpus > 0] or [1.0]
+    total = sum(node_cpus)
+    smallest = min(node_cpus)
     if num_workers <= 0:
         num_workers = max(1, int(total))
-    if cpus_per_worker <= 0:
-        spare = 1.0 if total > 1 else 0.5
-        cpus_per_worker = max(0.1, (total - spare) / num_workers)
+    if cpus_per_worker < 0:
+        cpus_per_worker = (smallest - 1) / smallest
     if num_workers * cpus_per_worker > total:
         raise TagcliError(
-            f"{num_workers} workers at {cpus_per_worker} CPU each need "
-            f"{num_workers * cpus_per_worker:g} CPUs, but Ray reports {total:g}; "
-            "lower --workers or --cpus-per-worker.",
+            f"{num_workers} workers at {cpus_per_worker:g} CPU each need "
+            f"{num_workers * cpus_per_worker:g} CPUs, but the Ray cluster has "
+            f"{total:g}; lower --workers or --cpus-per-worker.",
             exit_code=2,
         )
     threads = max(1, int(cpus_per_worker))
-    return WorkerPlan(num_workers, round(cpus_per_worker, 3), threads)
+    return WorkerPlan(
+        num_workers, round(cpus_per_worker, 3), threads, len(node_cpus) > 1
+    )
 
 
 def connect(address: str | None) -> bool:
@@ -54,6 +66,12 @@ def connect(address: str | None) -> bool:
     Returns True when this call started or joined Ray, so the caller should shut
     it down again. Ray's own log lines go to its session folder, not the terminal.
     """
+    if not address:
+        # Ray replaces 127.0.0.1 with the machine's network address unless
+        # multi-node support is off; a local instance needs none, so it stays
+        # on loopback. Read by Ray at import, hence before the import below.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
     import ray
     import ray.data  # noqa: F401  (configures the ray.data logger, silenced below)
 
@@ -77,9 +95,16 @@ def connect(address: str | None) -> bool:
     try:
         if address:
             log.info("Connecting to the Ray cluster at %s", address)
+            host = _loopback_host(address)
+            if host:
+                # A cluster on this machine's loopback: the driver must use the
+                # head's address to find its raylet.
+                options["_node_ip_address"] = host
             ray.init(address=address, **options)
         else:
-            ray.init(num_cpus=os.cpu_count() or 1, **options)
+            # address="local" starts a new instance even when `ray start` left
+            # a cluster on this machine.
+            ray.init(address="local", num_cpus=os.cpu_count() or 1, **options)
     except (ConnectionError, RuntimeError, ValueError) as error:
         where = address or "a local instance"
         raise TagcliError(
@@ -88,6 +113,12 @@ def connect(address: str | None) -> bool:
         ) from error
     _quiet_ray_loggers()
     return True
+
+
+def _loopback_host(address: str) -> str | None:
+    """Return the host of `address` when it is a 127.x.x.x address, else None."""
+    host = address.split("://")[-1].rsplit(":", 1)[0]
+    return host if host.startswith("127.") else None
 
 
 def _quiet_ray_loggers() -> None:
@@ -105,7 +136,12 @@ def _ray_log_level() -> int:
     return logging.INFO if verbose else logging.ERROR
 
 
-def cluster_cpus() -> float:
+def node_cpus() -> list[float]:
+    """Return the CPU count of each alive node of the connected cluster."""
     import ray
 
-    return float(ray.cluster_resources().get("CPU", 1.0))
+    return [
+        float(node["Resources"].get("CPU", 0.0))
+        for node in ray.nodes()
+        if node.get("Alive")
+    ]

@@ -64,10 +64,21 @@ class RayConfig:
     # Empty: start a local Ray instance. Otherwise a cluster address such as
     # "ray://head:10001" or "auto". RAY_ADDRESS in the environment also sets it.
     address: str = ""
-    # 0 picks a default from the CPUs Ray reports.
+    # 0: one embedding actor per CPU in the cluster.
     num_workers: int = 0
-    cpus_per_worker: float = 0.0
+    # -1: (C - 1) / C, where C is the CPU count of the smallest node.
+    cpus_per_worker: float = -1.0
     batch_size: int = 1024
+    # With executor "auto", inputs of at most this many rows on no cluster are
+    # embedded in-process: Ray's start-up (10 to 14 s on 2 CPUs) would cost
+    # more than the work.
+    max_local_rows: int = 2000
+
+
+@dataclass
+class OutputConfig:
+    # Rows per part file when the output is a folder.
+    rows_per_file: int = 100_000
 
 
 @dataclass
@@ -81,6 +92,7 @@ class Config:
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     source: Path | None = None
 
@@ -122,9 +134,16 @@ class Config:
             )
         if self.embedding.batch_size < 1 or self.ray.batch_size < 1:
             raise ConfigError(f"{where}: batch_size must be a positive integer.")
-        if self.ray.num_workers < 0 or self.ray.cpus_per_worker < 0:
+        if self.ray.max_local_rows < 0 or self.output.rows_per_file < 1:
             raise ConfigError(
-                f"{where}: [ray] num_workers and cpus_per_worker must not be negative."
+                f"{where}: [ray] max_local_rows must not be negative and "
+                "[output] rows_per_file must be positive."
+            )
+        if self.ray.num_workers < 0:
+            raise ConfigError(f"{where}: [ray] num_workers must not be negative.")
+        if self.ray.cpus_per_worker < 0 and self.ray.cpus_per_worker != -1:
+            raise ConfigError(
+                f"{where}: [ray] cpus_per_worker must be -1 (automatic) or at least 0."
             )
 
 
@@ -133,6 +152,7 @@ _SECTIONS = {
     "embedding": EmbeddingConfig,
     "train": TrainConfig,
     "ray": RayConfig,
+    "output": OutputConfig,
     "paths": PathsConfig,
 }
 

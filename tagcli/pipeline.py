@@ -1,8 +1,10 @@
-"""`tagcli tag`: read a dump, embed and classify on Ray Data workers, write tagged rows.
+"""`tagcli tag`: read a dump, embed and classify, write tagged rows.
 
-Batches flow from the reader through an actor pool (`TagWorker`, one model per
-actor) to a single writer in the driver, so only a few batches are in memory at
-any time.
+Batches flow from the reader through the embedding stage to one writer in the
+driver, so only a few batches are in memory at any time, whatever the input
+size. The embedding stage runs on a Ray Data actor pool (`TagWorker`, one model
+per actor) or, for inputs too small to repay Ray's start-up, in-process with the
+same `classify_batch`.
 """
 
 from __future__ import annotations
@@ -10,26 +12,28 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tagcli.cluster import cluster_cpus, connect, plan_workers
 from tagcli.config import Config
 from tagcli.embed import ModelSpec
-from tagcli.errors import TagcliError
-from tagcli.io import (
-    TableWriter,
-    check_columns,
-    check_readable,
-    file_format,
-    read_csv_header,
-)
 from tagcli.model import Artifact, load_artifact, newest_artifact
+from tagcli.progress import RowProgress
+from tagcli.reader import (
+    InputSource,
+    bytes_per_row,
+    iter_local_batches,
+    open_source,
+    ray_dataset,
+)
+from tagcli.writer import open_writer
 
 log = logging.getLogger(__name__)
 
 INPUT_COLUMNS = ("id", "title", "description")
 PROBABILITY_PREFIX = "prob_"
+EXECUTORS = ("auto", "ray", "local")
 
 
 def output_columns(tags: list[str]) -> list[str]:
@@ -40,26 +44,31 @@ def output_columns(tags: list[str]) -> list[str]:
 class TagWorker:
     """Ray Data callable class: embeds and classifies one Arrow batch.
 
-    The model loads once per actor in `__init__`. The head arrives through Ray's
-    object store as `head_ref`, a one-element list holding an ObjectRef, so
-    workers on other nodes need no shared file system. The list keeps Ray from
-    resolving the reference into the constructor arguments, which would stop a
-    crashed actor from restarting once those arguments are freed.
+    The model loads once per actor in `__init__`. The head, and a local model
+    folder if the artifact names one, arrive through Ray's object store, so
+    workers on other nodes need no shared file system. Each arrives wrapped in a
+    one-element list: Ray then passes the ObjectRef instead of resolving it into
+    the constructor arguments, which a restarted actor could no longer read
+    once they were freed.
     """
 
     def __init__(
         self,
         head_ref: list,
         spec: ModelSpec,
+        model_folder_ref: list,
         threads: int,
         batch_size: int,
         renames: dict,
     ):
         import ray
 
-        from tagcli.embed import load_encoder
+        from tagcli.embed import load_encoder, unpack_folder
 
         self.head = ray.get(head_ref[0])
+        if model_folder_ref and spec.local_folder() is None:
+            folder = unpack_folder(ray.get(model_folder_ref[0]))
+            spec = ModelSpec(str(folder), spec.offline)
         self.encoder = load_encoder(spec, threads=threads)
         self.batch_size = batch_size
         self.renames = renames
@@ -71,7 +80,7 @@ class TagWorker:
 
 
 def classify_batch(batch, encoder, head, batch_size: int, renames: dict):
-    """Return `batch` (an Arrow table) with tag, confidence and probability columns added."""
+    """Return `batch` (an Arrow table) with tag, confidence and probability columns."""
     import numpy as np
     import pyarrow as pa
 
@@ -110,10 +119,23 @@ def _text_column(batch, name: str) -> list[str]:
 
 
 @dataclass
+class TagOptions:
+    """Options of one `tag` run that are not in tagcli.toml."""
+
+    model_dir: Path | None = None
+    address: str | None = None
+    executor: str = "auto"
+    overwrite: bool = False
+    folder_format: str = "parquet"
+    show_progress: bool = True
+
+
+@dataclass
 class TagSummary:
     input: Path
     output: Path
     model: Path
+    executor: str = ""
     rows_read: int = 0
     rows_written: int = 0
     tag_counts: dict[str, int] = field(default_factory=dict)
@@ -127,90 +149,132 @@ def resolve_artifact(config: Config, model_dir: Path | None) -> Artifact:
     return load_artifact(path, config.tags.approved)
 
 
-def _input_columns(path: Path) -> list[str]:
-    if file_format(path) == "csv":
-        return read_csv_header(path)
-    import pyarrow.parquet as pq
+def choose_executor(
+    requested: str, rows: int, address: str, max_local_rows: int
+) -> str:
+    """Return "ray" or "local" for a run.
 
-    try:
-        return pq.read_schema(path).names
-    except Exception as error:  # pyarrow raises several types for a bad footer
-        raise TagcliError(
-            f"{path}: not a readable Parquet file ({error}); the file may be "
-            "truncated or corrupt."
-        ) from error
-
-
-def count_rows(path: Path) -> int:
-    """Count data rows: from Parquet metadata, or by streaming through a CSV file once."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    if file_format(path) == "parquet":
-        return pq.ParquetFile(path).metadata.num_rows
-    columns = read_csv_header(path)
-    reader = pacsv.open_csv(
-        path,
-        parse_options=pacsv.ParseOptions(newlines_in_values=True),
-        convert_options=pacsv.ConvertOptions(
-            column_types={name: pa.string() for name in columns},
-            include_columns=[columns[0]],
-        ),
-    )
-    return sum(batch.num_rows for batch in reader)
-
-
-def _read_dataset(path: Path, columns: list[str]):
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import ray.data
-
-    if file_format(path) == "parquet":
-        return ray.data.read_parquet(str(path))
-    # Every CSV column is text, so "007" and "NaN" survive as written.
-    return ray.data.read_csv(
-        str(path),
-        parse_options=pacsv.ParseOptions(newlines_in_values=True),
-        convert_options=pacsv.ConvertOptions(
-            column_types={name: pa.string() for name in columns},
-            strings_can_be_null=False,
-            quoted_strings_can_be_null=False,
-        ),
-        read_options=pacsv.ReadOptions(encoding="utf8"),
-    )
+    "auto" embeds in-process when no cluster address is set and the input has at
+    most `max_local_rows` rows, where starting Ray would cost more than the work.
+    """
+    if requested != "auto":
+        return requested
+    if address:
+        return "ray"
+    return "local" if rows <= max_local_rows else "ray"
 
 
 def tag(
     input_path: Path,
-    output_path: Path,
+    output_path: str | Path,
     config: Config,
-    model_dir: Path | None = None,
-    address: str | None = None,
+    options: TagOptions | None = None,
 ) -> TagSummary:
-    """Tag every row of `input_path` and write it, with probabilities, to `output_path`."""
+    """Tag every row of `input_path` and write it, with probabilities, to `output_path`.
+
+    `output_path` is a .csv or .parquet file, or a folder for part files when
+    it is an existing folder or a string ending with a slash.
+
+    Raises TagcliError for unusable input or output, and RuntimeError when the
+    rows written differ from the rows read; in both cases no output is left.
+    """
+    options = options or TagOptions()
+    started = time.monotonic()
+    artifact = resolve_artifact(config, options.model_dir)
+    source = open_source(Path(input_path), INPUT_COLUMNS)
+
+    added = output_columns(artifact.tags)
+    renames = {name: f"input_{name}" for name in source.columns if name in added}
+    address = options.address or config.ray.address
+    executor = choose_executor(
+        options.executor, source.rows, address, config.ray.max_local_rows
+    )
+    summary = TagSummary(
+        input=source.path,
+        output=Path(output_path),
+        model=artifact.path,
+        executor=executor,
+        rows_read=source.rows,
+        renamed_columns=renames,
+    )
+    log.info(
+        "Tagging %d rows from %s with executor %s", source.rows, source.path, executor
+    )
+
+    writer = open_writer(
+        output_path,
+        options.overwrite,
+        options.folder_format,
+        config.output.rows_per_file,
+    )
+    counts: Counter[str] = Counter()
+    try:
+        with RowProgress(source.rows, enabled=options.show_progress) as progress:
+            if executor == "ray":
+                batches = _ray_batches(
+                    source, artifact, renames, config, address, summary
+                )
+            else:
+                batches = _local_batches(source, artifact, renames, config)
+                summary.workers = 1
+            for batch in batches:
+                writer.write(batch)
+                counts.update(batch.column("tag").to_pylist())
+                progress.advance(batch.num_rows)
+
+        if writer.rows_written != source.rows:
+            raise RuntimeError(
+                f"{source.path}: read {source.rows} rows but tagged "
+                f"{writer.rows_written}; no output was written."
+            )
+        writer.commit(_output_schema(source, renames, added))
+    except BaseException:
+        writer.abort()
+        raise
+
+    summary.rows_written = writer.rows_written
+    summary.tag_counts = {name: counts.get(name, 0) for name in artifact.tags}
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _local_batches(
+    source: InputSource, artifact: Artifact, renames: dict, config: Config
+):
+    """Yield tagged batches embedded in this process, in input order."""
+    from tagcli.embed import load_encoder
+
+    spec = ModelSpec(artifact.manifest["embedding"]["model"], config.embedding.offline)
+    encoder = load_encoder(spec)
+    for batch in iter_local_batches(source, config.ray.batch_size):
+        yield classify_batch(
+            batch, encoder, artifact.head, config.embedding.batch_size, renames
+        )
+
+
+def _ray_batches(
+    source: InputSource,
+    artifact: Artifact,
+    renames: dict,
+    config: Config,
+    address: str,
+    summary: TagSummary,
+) -> Iterator:
+    """Yield tagged batches from a Ray Data pipeline, in input order.
+
+    Joins the cluster at `address` or starts a local instance, and shuts down
+    only an instance this call started, when the generator finishes or is closed.
+    """
     import ray
     import ray.data
 
-    started = time.monotonic()
-    input_path = Path(input_path)
-    output_path = Path(output_path)
-    artifact = resolve_artifact(config, model_dir)
-    check_readable(input_path)
-    file_format(output_path, purpose="output")
-    columns = _input_columns(input_path)
-    check_columns(input_path, columns, INPUT_COLUMNS)
+    from tagcli.cluster import connect, node_cpus, plan_workers
+    from tagcli.embed import pack_folder
 
-    added = output_columns(artifact.tags)
-    renames = {name: f"input_{name}" for name in columns if name in added}
-    summary = TagSummary(input=input_path, output=output_path, model=artifact.path)
-    summary.renamed_columns = renames
-    rows_read = count_rows(input_path)
-
-    started_ray = connect(address or config.ray.address)
+    started_ray = connect(address)
     try:
         plan = plan_workers(
-            cluster_cpus(), config.ray.num_workers, config.ray.cpus_per_worker
+            node_cpus(), config.ray.num_workers, config.ray.cpus_per_worker
         )
         summary.workers = plan.num_workers
         context = ray.data.DataContext.get_current()
@@ -221,18 +285,32 @@ def tag(
         spec = ModelSpec(
             artifact.manifest["embedding"]["model"], config.embedding.offline
         )
-        dataset = _read_dataset(input_path, columns)
-        # Blocks of at most one batch, and at least one block per worker.
+        folder = spec.local_folder()
+        model_folder_ref = [ray.put(pack_folder(folder))] if folder else []
+
+        # Blocks of at most one batch, and at least one block per worker, so
+        # small inputs still keep every actor busy. Readers split their output
+        # by bytes, so the target block size comes from the bytes of a row.
+        # A repartition step would do it by rows, but its tasks reserve a whole
+        # CPU, which a cluster whose free CPU is split across nodes never has.
         rows_per_block = max(
-            1, min(config.ray.batch_size, -(-rows_read // plan.num_workers))
+            1, min(config.ray.batch_size, -(-source.rows // plan.num_workers))
         )
-        dataset = dataset.repartition(target_num_rows_per_block=rows_per_block)
-        head_ref = ray.put(artifact.head)
+        context.target_max_block_size = max(
+            1024, int(rows_per_block * bytes_per_row(source))
+        )
+        dataset = ray_dataset(source)
+        spread_args = {}
+        if plan.spread:
+            spread_args["ray_remote_args_fn"] = lambda: {
+                "scheduling_strategy": "SPREAD"
+            }
         dataset = dataset.map_batches(
             TagWorker,
             fn_constructor_kwargs={
-                "head_ref": [head_ref],
+                "head_ref": [ray.put(artifact.head)],
                 "spec": spec,
+                "model_folder_ref": model_folder_ref,
                 "threads": plan.torch_threads,
                 "batch_size": config.embedding.batch_size,
                 "renames": renames,
@@ -241,42 +319,31 @@ def tag(
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=plan.num_workers),
             num_cpus=plan.cpus_per_worker,
+            **spread_args,
         )
-
-        writer = TableWriter(output_path)
-        counts: Counter[str] = Counter()
-        schema = None
-        try:
-            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-                schema = schema or batch.schema
-                writer.write(batch)
-                counts.update(batch.column("tag").to_pylist())
-            if schema is None:
-                schema = _empty_output_schema(columns, renames, added)
-            writer.commit(schema)
-        except BaseException:
-            writer.abort()
-            raise
+        yield from dataset.iter_batches(batch_format="pyarrow", batch_size=None)
     finally:
         if started_ray:
             ray.shutdown()
 
-    summary.rows_written = writer.rows_written
-    summary.rows_read = rows_read
-    if summary.rows_written != rows_read:
-        raise RuntimeError(
-            f"{input_path}: read {rows_read} rows but wrote {summary.rows_written}; "
-            f"{output_path} may be incomplete."
-        )
-    summary.tag_counts = {name: counts.get(name, 0) for name in artifact.tags}
-    summary.seconds = time.monotonic() - started
-    return summary
 
-
-def _empty_output_schema(columns: list[str], renames: dict, added: list[str]):
+def _output_schema(source: InputSource, renames: dict, added: list[str]):
+    """Return the output schema, used to write the header of an empty output."""
     import pyarrow as pa
 
-    fields = [pa.field(renames.get(name, name), pa.string()) for name in columns]
+    if source.format == "parquet":
+        import pyarrow.parquet as pq
+
+        input_schema = pq.read_schema(source.files[0])
+        fields = [
+            pa.field(renames.get(f.name, f.name), f.type)
+            for f in input_schema
+            if not f.name.startswith("__")
+        ]
+    else:
+        fields = [
+            pa.field(renames.get(name, name), pa.string()) for name in source.columns
+        ]
     fields.append(pa.field("tag", pa.string()))
     fields.extend(pa.field(name, pa.float64()) for name in added[1:])
     return pa.schema(fields)

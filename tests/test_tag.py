@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import polars as pl
 import pytest
-from conftest import SAMPLE_BATCH, read_output, run_cli
+from conftest import SAMPLE_BATCH, read_output, run_cli, write_config
 
 TAGS = ["natural-language-processing", "computer-vision", "mlops", "other"]
 PROBABILITY_COLUMNS = [f"prob_{tag}" for tag in TAGS]
@@ -142,3 +142,171 @@ def test_changed_head_is_rejected(tmp_path, small_model):
     assert result.exit_code == 3
     assert "does not match the manifest" in result.output
     assert not (tmp_path / "out.parquet").exists()
+
+
+def test_local_and_ray_paths_agree(tmp_path, small_model):
+    local = tmp_path / "local.parquet"
+    on_ray = tmp_path / "ray.parquet"
+
+    first = run_cli(
+        "tag", SAMPLE_BATCH, "-o", local, "--model", small_model, "--executor", "local"
+    )
+    second = run_cli(
+        "tag", SAMPLE_BATCH, "-o", on_ray, "--model", small_model, "--executor", "ray"
+    )
+
+    assert first.exit_code == 0, first.output
+    assert second.exit_code == 0, second.output
+    assert "in-process" in first.output
+    assert "on Ray" in second.output
+    local_rows = read_output(local)
+    ray_rows = read_output(on_ray)
+    assert local_rows.columns == ray_rows.columns
+    assert local_rows.drop(PROBABILITY_COLUMNS + ["confidence"]).equals(
+        ray_rows.drop(PROBABILITY_COLUMNS + ["confidence"])
+    )
+    difference = (
+        local_rows.select(PROBABILITY_COLUMNS).to_numpy()
+        - ray_rows.select(PROBABILITY_COLUMNS).to_numpy()
+    )
+    assert abs(difference).max() < 1e-5
+
+
+def test_auto_executor_uses_threshold(tmp_path, small_model):
+    config = write_config(tmp_path, ray={"max_local_rows": 50})
+    output = tmp_path / "tagged.parquet"
+
+    result = run_cli(
+        "tag", SAMPLE_BATCH, "-o", output, "--model", small_model, config=config
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "on Ray" in result.output
+
+
+def test_folder_in_folder_out(tmp_path, small_model):
+    source = pl.read_parquet(SAMPLE_BATCH)
+    folder = tmp_path / "dump"
+    folder.mkdir()
+    source.head(120).write_parquet(folder / "a.parquet")
+    source.tail(80).write_parquet(folder / "b.parquet")
+    config = write_config(tmp_path, output={"rows_per_file": 70})
+    output = tmp_path / "tagged"
+
+    result = run_cli(
+        "tag",
+        folder,
+        "-o",
+        f"{output}/",
+        "--model",
+        small_model,
+        "--executor",
+        "ray",
+        config=config,
+    )
+
+    assert result.exit_code == 0, result.output
+    parts = sorted(output.iterdir())
+    assert [part.name for part in parts] == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
+    tagged = pl.concat([pl.read_parquet(part) for part in parts])
+    assert tagged["id"].to_list() == source["id"].to_list()
+    assert [pl.read_parquet(part).height for part in parts] == [70, 70, 60]
+
+
+def test_folder_output_as_csv_parts(tmp_path, small_model):
+    output = tmp_path / "tagged"
+
+    result = run_cli(
+        "tag",
+        SAMPLE_BATCH,
+        "-o",
+        f"{output}/",
+        "--output-format",
+        "csv",
+        "--model",
+        small_model,
+    )
+
+    assert result.exit_code == 0, result.output
+    assert [part.name for part in output.iterdir()] == ["part-00000.csv"]
+    assert read_output(output / "part-00000.csv").height == 200
+
+
+def test_plain_progress_lines_off_terminal(tmp_path, small_model):
+    import subprocess
+    import sys
+
+    output = tmp_path / "tagged.parquet"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tagcli",
+            "tag",
+            str(SAMPLE_BATCH),
+            "-o",
+            str(output),
+            "--model",
+            str(small_model),
+            "--executor",
+            "local",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert "tagged 200/200 rows" in completed.stderr
+    assert "\x1b[" not in completed.stderr
+    assert "\x1b[" not in completed.stdout
+
+
+def test_progress_bar_on_terminal(tmp_path, small_model):
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    output = tmp_path / "tagged.parquet"
+    leader, follower = pty.openpty()
+    env = {key: value for key, value in os.environ.items() if key != "NO_COLOR"}
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tagcli",
+            "tag",
+            str(SAMPLE_BATCH),
+            "-o",
+            str(output),
+            "--model",
+            str(small_model),
+            "--executor",
+            "local",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        text=True,
+        check=False,
+        env=env,
+    )
+    os.close(follower)
+    terminal = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        terminal += chunk
+    os.close(leader)
+
+    assert completed.returncode == 0
+    assert b"tagging" in terminal
+    assert b"tagged 200/200 rows" not in terminal

@@ -1,0 +1,174 @@
+"""Reading a dump to tag in batches: one CSV or Parquet file, or a folder of them.
+
+The input is described once (files, columns, row count) without loading rows.
+Rows then stream either through Ray Data readers or, in-process, through
+pyarrow's batch readers; both read CSV columns as text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tagcli.errors import TagcliError
+from tagcli.io import (
+    SUPPORTED_SUFFIXES,
+    check_columns,
+    check_readable,
+    file_format,
+    read_csv_header,
+)
+
+
+@dataclass
+class InputSource:
+    """A dump to tag: its files (all of one format), columns and total row count."""
+
+    path: Path
+    files: list[Path]
+    format: str
+    columns: list[str]
+    rows: int
+
+
+def open_source(path: Path, required: tuple[str, ...]) -> InputSource:
+    """Describe the file or folder at `path` and check its columns.
+
+    A folder must contain .parquet files or .csv files, not both; hidden files
+    and files of other types in it are ignored. Raises TagcliError naming the
+    file and the problem.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(
+            child
+            for child in path.iterdir()
+            if child.is_file()
+            and not child.name.startswith((".", "_"))
+            and child.suffix.lower() in SUPPORTED_SUFFIXES
+        )
+        if not files:
+            raise TagcliError(
+                f"{path}: the folder contains no .csv or .parquet files; "
+                "point INPUT at a data file or a folder of them."
+            )
+        formats = {file_format(file) for file in files}
+        if len(formats) > 1:
+            raise TagcliError(
+                f"{path}: the folder mixes CSV and Parquet files; keep one format "
+                "per input folder."
+            )
+    else:
+        check_readable(path)
+        files = [path]
+        file_format(path)
+
+    fmt = file_format(files[0])
+    columns = None
+    rows = 0
+    for file in files:
+        check_readable(file)
+        file_columns = _columns_of(file, fmt)
+        check_columns(file, file_columns, required)
+        if columns is None:
+            columns = file_columns
+        elif file_columns != columns:
+            raise TagcliError(
+                f"{file}: columns {file_columns} differ from {columns} in "
+                f"{files[0]}; every file in an input folder needs the same columns."
+            )
+        rows += _count_rows(file, fmt, file_columns)
+    return InputSource(path=path, files=files, format=fmt, columns=columns, rows=rows)
+
+
+def _columns_of(path: Path, fmt: str) -> list[str]:
+    if fmt == "csv":
+        return read_csv_header(path)
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_schema(path).names
+    except Exception as error:  # pyarrow raises several types for a bad footer
+        raise TagcliError(
+            f"{path}: not a readable Parquet file ({error}); the file may be "
+            "truncated or corrupt."
+        ) from error
+
+
+def _count_rows(path: Path, fmt: str, columns: list[str]) -> int:
+    """Count data rows: from Parquet metadata, or by streaming through a CSV once."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    reader = _open_csv(path, columns, include=[columns[0]])
+    return sum(batch.num_rows for batch in reader)
+
+
+def csv_options(columns: list[str], include: list[str] | None = None) -> dict:
+    """pyarrow CSV options that read every column as text, newlines in quotes included."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    return {
+        "parse_options": pacsv.ParseOptions(newlines_in_values=True),
+        "convert_options": pacsv.ConvertOptions(
+            column_types={name: pa.string() for name in columns},
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
+            include_columns=include or [],
+        ),
+        "read_options": pacsv.ReadOptions(encoding="utf8"),
+    }
+
+
+def _open_csv(path: Path, columns: list[str], include: list[str] | None = None):
+    import pyarrow.csv as pacsv
+
+    return pacsv.open_csv(path, **csv_options(columns, include))
+
+
+def iter_local_batches(source: InputSource, batch_size: int) -> Iterator:
+    """Yield Arrow tables of at most `batch_size` rows, in file and row order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for file in source.files:
+        if source.format == "parquet":
+            batches = pq.ParquetFile(file).iter_batches(batch_size=batch_size)
+        else:
+            batches = _open_csv(file, source.columns)
+        pending: list = []
+        pending_rows = 0
+        for batch in batches:
+            pending.append(batch)
+            pending_rows += batch.num_rows
+            while pending_rows >= batch_size:
+                table = pa.Table.from_batches(pending).combine_chunks()
+                yield table.slice(0, batch_size)
+                rest = table.slice(batch_size)
+                pending = rest.to_batches()
+                pending_rows = rest.num_rows
+        if pending_rows:
+            yield pa.Table.from_batches(pending).combine_chunks()
+
+
+def bytes_per_row(source: InputSource, sample_rows: int = 1000) -> float:
+    """Estimate the in-memory Arrow bytes of one row from the first rows of the input."""
+    first = next(iter_local_batches(source, sample_rows), None)
+    if first is None or first.num_rows == 0:
+        return 1.0
+    return first.nbytes / first.num_rows
+
+
+def ray_dataset(source: InputSource):
+    """Return a lazy Ray Data dataset over the source files."""
+    import ray.data
+
+    paths = [str(file) for file in source.files]
+    # Read tasks reserve a quarter CPU, so they fit beside the embedding actors
+    # even where the free CPU is split across nodes.
+    if source.format == "parquet":
+        return ray.data.read_parquet(paths, num_cpus=0.25)
+    return ray.data.read_csv(paths, num_cpus=0.25, **csv_options(source.columns))

@@ -1,0 +1,153 @@
+"""Writing tagged rows: one CSV or Parquet file, or a folder of part files.
+
+Rows stream into temporary files that are moved into place only by `commit()`,
+so a failed or killed run leaves no output that looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from tagcli.errors import EXIT_USAGE, TagcliError
+from tagcli.io import file_format, temporary_beside
+
+PART_FORMATS = ("parquet", "csv")
+
+
+class FileWriter:
+    """Write Arrow tables to one CSV or Parquet file, chosen by the extension.
+
+    Tables stream to a temporary file that `commit()` renames onto `path`;
+    `abort()` removes it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.format = file_format(self.path, purpose="output")
+        self._temporary = temporary_beside(self.path)
+        self._writer = None
+        self._schema = None
+        self.rows_written = 0
+
+    def write(self, table) -> None:
+        import pyarrow.csv as pacsv
+        import pyarrow.parquet as pq
+
+        if self._writer is None:
+            self._schema = table.schema
+            if self.format == "parquet":
+                self._writer = pq.ParquetWriter(self._temporary, table.schema)
+            else:
+                self._writer = pacsv.CSVWriter(self._temporary, table.schema)
+        self._writer.write_table(table.select(self._schema.names).cast(self._schema))
+        self.rows_written += table.num_rows
+
+    def commit(self, schema) -> None:
+        """Close the file and move it into place; `schema` gives the columns of an empty output."""
+        if self._writer is None:
+            self.write(schema.empty_table())
+        self._writer.close()
+        os.replace(self._temporary, self.path)
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._temporary.unlink(missing_ok=True)
+
+
+class FolderWriter:
+    """Write Arrow tables to numbered part files in a folder, `rows_per_file` rows each.
+
+    Parts go to a hidden staging folder beside `path`, renamed onto `path` by
+    `commit()`. A part file is closed before the next opens, so memory holds at
+    most one batch.
+    """
+
+    def __init__(self, path: Path, fmt: str, rows_per_file: int) -> None:
+        self.path = Path(path)
+        self.format = fmt
+        self.rows_per_file = rows_per_file
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._staging = self.path.parent / f".{self.path.name}.partial-{os.getpid()}"
+        if self._staging.exists():
+            shutil.rmtree(self._staging)
+        self._staging.mkdir()
+        self._part: FileWriter | None = None
+        self._parts = 0
+        self.rows_written = 0
+
+    def write(self, table) -> None:
+        offset = 0
+        while offset < table.num_rows:
+            if self._part is None or self._part.rows_written >= self.rows_per_file:
+                self._close_part()
+                name = f"part-{self._parts:05d}.{self.format}"
+                self._part = FileWriter(self._staging / name)
+                self._parts += 1
+            room = self.rows_per_file - self._part.rows_written
+            piece = table.slice(offset, room)
+            self._part.write(piece)
+            self.rows_written += piece.num_rows
+            offset += piece.num_rows
+
+    def _close_part(self, schema=None) -> None:
+        if self._part is not None:
+            self._part.commit(schema)
+            self._part = None
+
+    def commit(self, schema) -> None:
+        """Close the last part and move the folder into place.
+
+        An empty output still gets one part file with the columns of `schema`.
+        An existing folder at `path` is replaced only after the new one is complete.
+        """
+        if self._parts == 0:
+            self._part = FileWriter(self._staging / f"part-00000.{self.format}")
+            self._parts = 1
+        self._close_part(schema)
+        old = None
+        if self.path.exists():
+            old = self.path.parent / f".{self.path.name}.old-{os.getpid()}"
+            os.replace(self.path, old)
+        os.replace(self._staging, self.path)
+        if old is not None:
+            shutil.rmtree(old)
+
+    def abort(self) -> None:
+        if self._part is not None:
+            self._part.abort()
+        shutil.rmtree(self._staging, ignore_errors=True)
+
+
+def is_folder_output(path: Path) -> bool:
+    """Return whether `path` names a folder output: an existing folder, or a trailing slash."""
+    return Path(path).is_dir() or str(path).endswith(("/", os.sep))
+
+
+def open_writer(
+    path: str | Path, overwrite: bool, folder_format: str, rows_per_file: int
+):
+    """Return a FileWriter or FolderWriter for `path`, or raise TagcliError.
+
+    An existing output is replaced only with `overwrite`, and only on commit.
+    """
+    folder = is_folder_output(path)
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise TagcliError(
+            f"{path}: the output exists; pass --overwrite to replace it or choose "
+            "another path with -o.",
+            exit_code=EXIT_USAGE,
+        )
+    if folder:
+        return FolderWriter(path, folder_format, rows_per_file)
+    if path.suffix == "":
+        raise TagcliError(
+            f"{path}: the output has no extension; end a file name with .csv or "
+            ".parquet, or a folder name with / for part files.",
+            exit_code=EXIT_USAGE,
+        )
+    file_format(path, purpose="output")
+    return FileWriter(path)
