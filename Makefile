@@ -20,7 +20,7 @@ install: $(VENV)/.installed
 sample: install
 	$(BIN)/tagcli train sample_data/dataset.csv
 	$(BIN)/tagcli tag sample_data/batch.parquet -o out/batch.tagged.parquet --overwrite
-	$(BIN)/tagcli eval --json out/eval.json
+	$(BIN)/tagcli eval --json out/eval.json --overwrite
 
 test: install
 	$(BIN)/python -m pytest

@@ -41,7 +41,7 @@ class EmbeddingConfig:
     model: str = BUNDLED_MODEL
     # With offline = true, a hub name loads only from the local Hugging Face cache.
     offline: bool = True
-    batch_size: int = 64
+    batch_size: int = 32
 
 
 @dataclass

@@ -68,11 +68,15 @@ def compute_metrics(
         precision, recall, f1, support = precision_recall_fscore_support(
             y_true, y_pred, labels=tags, average=None, zero_division=0
         )
+        predicted_counts = {tag: y_pred.count(tag) for tag in tags}
         for index, tag in enumerate(tags):
+            # A score with no rows to measure it on is undefined, not 0.
+            has_true = support[index] > 0
+            has_predicted = predicted_counts[tag] > 0
             result["per_tag"][tag] = {
-                "precision": float(precision[index]),
-                "recall": float(recall[index]),
-                "f1": float(f1[index]),
+                "precision": float(precision[index]) if has_predicted else None,
+                "recall": float(recall[index]) if has_true else None,
+                "f1": float(f1[index]) if has_true or has_predicted else None,
                 "support": int(support[index]),
             }
 
@@ -153,7 +157,9 @@ def render_metrics(console, metrics: dict, title: str) -> None:
         console.print(confusion)
 
 
-def evaluate_model(config, data_path=None, model_dir=None) -> dict:
+def evaluate_model(
+    config, data_path=None, model_dir=None, encoding: str = "utf-8"
+) -> dict:
     """Evaluate a model artifact on labeled rows and return a JSON-ready report.
 
     `data_path` defaults to the validation split saved in the artifact. The
@@ -176,7 +182,7 @@ def evaluate_model(config, data_path=None, model_dir=None) -> dict:
         frame = pl.read_parquet(data_path)
         mapped: dict[str, int] = {}
     else:
-        labeled = load_labeled(Path(data_path), config)
+        labeled = load_labeled(Path(data_path), config, encoding)
         frame, mapped = labeled.frame, labeled.mapped
 
     spec = ModelSpec(artifact.manifest["embedding"]["model"], config.embedding.offline)
@@ -200,5 +206,8 @@ def evaluate_model(config, data_path=None, model_dir=None) -> dict:
             "overlapping_rows": overlapping,
             "fitted_on": artifact.manifest["head"]["fitted_on"],
         },
+        "validation_f1_at_training": artifact.manifest["validation_metrics"]["overall"][
+            "f1"
+        ],
         "metrics": metrics,
     }

@@ -6,6 +6,7 @@ stay exactly as written. Parquet columns keep their stored types.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import os
 import tempfile
@@ -13,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tagcli.errors import TagcliError
+from tagcli.errors import EXIT_USAGE, TagcliError
 
 SUPPORTED_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 TEXT_COLUMNS = ("title", "description")
@@ -25,7 +26,9 @@ def file_format(path: Path, purpose: str = "input") -> str:
     if fmt is None:
         raise TagcliError(
             f"{path}: unsupported {purpose} format {path.suffix or '(no extension)'!r}; "
-            "use a .csv or .parquet file."
+            "use a .csv or .parquet file.",
+            # A wrong output name is a usage error; a wrong input file is bad input.
+            exit_code=EXIT_USAGE if purpose == "output" else None,
         )
     return fmt
 
@@ -44,21 +47,108 @@ def check_readable(path: Path) -> None:
         )
 
 
-def read_csv_header(path: Path) -> list[str]:
-    """Return the column names on the first line of a CSV file (a UTF-8 BOM is accepted)."""
+def python_codec(encoding: str) -> str:
+    """Return the Python codec for an --encoding value; UTF-8 accepts a byte-order mark."""
+    return "utf-8-sig" if encoding.lower().replace("-", "") == "utf8" else encoding
+
+
+def check_encoding(encoding: str) -> None:
+    """Raise TagcliError unless Python knows the codec `encoding`."""
     try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
+        codecs.lookup(encoding)
+    except LookupError as error:
+        raise TagcliError(
+            f"unknown encoding {encoding!r}; use a Python codec name such as "
+            "utf-8, cp1252 or latin-1.",
+            exit_code=EXIT_USAGE,
+        ) from error
+
+
+def read_csv_header(path: Path, encoding: str = "utf-8") -> list[str]:
+    """Return the column names on the first line of a CSV file."""
+    try:
+        with path.open(newline="", encoding=python_codec(encoding)) as handle:
             header = next(csv.reader(handle), None)
     except UnicodeDecodeError as error:
-        raise TagcliError(
-            f"{path}: the header is not valid UTF-8 ({error.reason} at byte "
-            f"{error.start}); save the file as UTF-8."
-        ) from error
+        raise csv_error(path, error, encoding) from error
     if not header:
         raise TagcliError(
             f"{path}: no header line found; the first line must name the columns."
         )
     return header
+
+
+def locate_csv_problem(path: Path, encoding: str) -> str | None:
+    """Return where the first undecodable or ragged record of a CSV file is, or None.
+
+    Runs only after a parser failed, so a second pass over the file is cheap
+    next to the failed job. Rows count from 1 after the header; lines from 1.
+    """
+    codec = python_codec(encoding)
+    decoder = codecs.getincrementaldecoder(codec)()
+    offset = 0
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                decoder.decode(raw)
+            except UnicodeDecodeError as error:
+                bad = raw[error.start]
+                return (
+                    f"line {line_number} is not valid {encoding}: byte 0x{bad:02x} at "
+                    f"offset {offset + error.start}. If the file uses another "
+                    f"encoding, pass it with --encoding, for example "
+                    f"--encoding {_guess_encoding(raw)}"
+                )
+            offset += len(raw)
+
+    with path.open(newline="", encoding=codec) as handle:
+        reader = csv.reader(handle)
+        header = next(reader, [])
+        for row_number, row in enumerate(reader, start=1):
+            if row and len(row) != len(header):
+                return (
+                    f"data row {row_number} (line {reader.line_num}) has {len(row)} "
+                    f"fields but the header has {len(header)}; quote fields that "
+                    "contain commas, or fix the row"
+                )
+    return None
+
+
+def _guess_encoding(raw: bytes) -> str:
+    for candidate in ("cp1252", "latin-1"):
+        try:
+            raw.decode(candidate)
+        except UnicodeDecodeError:
+            continue
+        return candidate
+    return "latin-1"
+
+
+def csv_error(path: Path, error: BaseException, encoding: str) -> TagcliError:
+    """Turn a CSV parser or decoder error into a TagcliError naming the row and the fix."""
+    where = locate_csv_problem(path, encoding)
+    if where:
+        return TagcliError(f"{path}: {where}.")
+    return TagcliError(f"{path}: cannot parse the CSV file: {_first_line(error)}.")
+
+
+def csv_options(
+    columns: list[str], encoding: str = "utf-8", include: list[str] | None = None
+) -> dict:
+    """pyarrow CSV options that read every column as text, newlines in quotes included."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    return {
+        "parse_options": pacsv.ParseOptions(newlines_in_values=True),
+        "convert_options": pacsv.ConvertOptions(
+            column_types={name: pa.string() for name in columns},
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
+            include_columns=include or [],
+        ),
+        "read_options": pacsv.ReadOptions(encoding=encoding),
+    }
 
 
 def check_columns(path: Path, columns: list[str], required: Iterable[str]) -> None:
@@ -79,13 +169,15 @@ def check_columns(path: Path, columns: list[str], required: Iterable[str]) -> No
         )
 
 
-def read_table(path: Path, required: Iterable[str]):
+def read_table(path: Path, required: Iterable[str], encoding: str = "utf-8"):
     """Read a whole CSV or Parquet file into a polars DataFrame and check its columns.
 
-    Used for labeled data (`train`, `eval`), which fits in memory. Text columns
-    come back as strings; a null description becomes the empty string.
+    Used for labeled data (`train`, `eval`), which fits in memory. CSV is parsed
+    by the same pyarrow reader as `tag` uses. Text columns come back as strings,
+    and a null description becomes the empty string.
     """
     import polars as pl
+    import pyarrow as pa
 
     path = Path(path)
     check_readable(path)
@@ -93,35 +185,45 @@ def read_table(path: Path, required: Iterable[str]):
     required = list(required)
 
     if fmt == "csv":
-        header = read_csv_header(path)
+        import pyarrow.csv as pacsv
+
+        header = read_csv_header(path, encoding)
         check_columns(path, header, required)
         try:
-            frame = pl.read_csv(
-                path,
-                infer_schema=False,
-                encoding="utf8",
-            )
-        except pl.exceptions.ComputeError as error:
-            raise TagcliError(
-                f"{path}: cannot parse the CSV file: {_first_line(error)}"
-            ) from error
+            table = pacsv.read_csv(path, **csv_options(header, encoding))
+        except (pa.ArrowInvalid, UnicodeDecodeError) as error:
+            raise csv_error(path, error, encoding) from error
     else:
         import pyarrow.parquet as pq
 
+        check_columns(path, parquet_columns(path), required)
         try:
-            columns = pq.read_schema(path).names
-        except Exception as error:  # pyarrow raises several types for a bad footer
-            raise TagcliError(
-                f"{path}: not a readable Parquet file ({_first_line(error)}); "
-                "the file may be truncated or corrupt."
-            ) from error
-        check_columns(path, columns, required)
-        frame = pl.read_parquet(path)
+            table = pq.read_table(path)
+        except (OSError, pa.ArrowException) as error:
+            raise parquet_error(path, error) from error
+    frame = pl.from_arrow(table)
 
     for name in TEXT_COLUMNS:
         if name in frame.columns:
             frame = frame.with_columns(pl.col(name).cast(pl.Utf8).fill_null(""))
     return frame
+
+
+def parquet_columns(path: Path) -> list[str]:
+    """Return the column names in a Parquet file's footer, or raise TagcliError."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_schema(path).names
+    except Exception as error:  # pyarrow raises several types for a bad footer
+        raise parquet_error(path, error) from error
+
+
+def parquet_error(path: Path, error: BaseException) -> TagcliError:
+    return TagcliError(
+        f"{path}: not a readable Parquet file ({_first_line(error)}); the file may "
+        "be truncated or corrupt, so write it again."
+    )
 
 
 def _first_line(error: BaseException) -> str:
@@ -139,6 +241,10 @@ def temporary_beside(target: Path) -> Path:
         prefix=f".{target.name}.", suffix=".partial", dir=target.parent
     )
     os.close(handle)
+    # mkstemp creates the file as 0600; give the output the mode a plain open() would.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)
     return Path(name)
 
 

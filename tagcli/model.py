@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tagcli.errors import TagcliError
+from tagcli.errors import EXIT_USAGE, TagcliError
 
 HEAD_FILE = "head.joblib"
 MANIFEST_FILE = "manifest.json"
@@ -194,11 +194,7 @@ def save_artifact(
     import joblib
 
     target = Path(target)
-    if target.exists() and any(target.iterdir()):
-        raise TagcliError(
-            f"{target}: the output folder exists and is not empty; choose a new "
-            "folder for --output or remove this one."
-        )
+    check_output_folder(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.partial-{os.getpid()}"
     if staging.exists():
@@ -224,6 +220,16 @@ def save_artifact(
         if staging.exists():
             shutil.rmtree(staging)
     return target
+
+
+def check_output_folder(target: Path) -> None:
+    """Raise TagcliError when `target` exists and is not an empty folder."""
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise TagcliError(
+            f"{target}: the output folder exists and is not empty; choose a new "
+            "folder for --output or remove this one.",
+            exit_code=EXIT_USAGE,
+        )
 
 
 def newest_artifact(models_dir: Path) -> Path:

@@ -128,6 +128,7 @@ class TagOptions:
     overwrite: bool = False
     folder_format: str = "parquet"
     show_progress: bool = True
+    encoding: str = "utf-8"
 
 
 @dataclass
@@ -181,7 +182,7 @@ def tag(
     options = options or TagOptions()
     started = time.monotonic()
     artifact = resolve_artifact(config, options.model_dir)
-    source = open_source(Path(input_path), INPUT_COLUMNS)
+    source = open_source(Path(input_path), INPUT_COLUMNS, options.encoding)
 
     added = output_columns(artifact.tags)
     renames = {name: f"input_{name}" for name in source.columns if name in added}

@@ -16,7 +16,11 @@ from tagcli.io import (
     SUPPORTED_SUFFIXES,
     check_columns,
     check_readable,
+    csv_error,
+    csv_options,
     file_format,
+    parquet_columns,
+    parquet_error,
     read_csv_header,
 )
 
@@ -30,9 +34,12 @@ class InputSource:
     format: str
     columns: list[str]
     rows: int
+    encoding: str = "utf-8"
 
 
-def open_source(path: Path, required: tuple[str, ...]) -> InputSource:
+def open_source(
+    path: Path, required: tuple[str, ...], encoding: str = "utf-8"
+) -> InputSource:
     """Describe the file or folder at `path` and check its columns.
 
     A folder must contain .parquet files or .csv files, not both; hidden files
@@ -69,7 +76,7 @@ def open_source(path: Path, required: tuple[str, ...]) -> InputSource:
     rows = 0
     for file in files:
         check_readable(file)
-        file_columns = _columns_of(file, fmt)
+        file_columns = _columns_of(file, fmt, encoding)
         check_columns(file, file_columns, required)
         if columns is None:
             columns = file_columns
@@ -78,55 +85,49 @@ def open_source(path: Path, required: tuple[str, ...]) -> InputSource:
                 f"{file}: columns {file_columns} differ from {columns} in "
                 f"{files[0]}; every file in an input folder needs the same columns."
             )
-        rows += _count_rows(file, fmt, file_columns)
-    return InputSource(path=path, files=files, format=fmt, columns=columns, rows=rows)
+        rows += _count_rows(file, fmt, file_columns, encoding)
+    return InputSource(
+        path=path,
+        files=files,
+        format=fmt,
+        columns=columns,
+        rows=rows,
+        encoding=encoding,
+    )
 
 
-def _columns_of(path: Path, fmt: str) -> list[str]:
+def _columns_of(path: Path, fmt: str, encoding: str) -> list[str]:
     if fmt == "csv":
-        return read_csv_header(path)
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_schema(path).names
-    except Exception as error:  # pyarrow raises several types for a bad footer
-        raise TagcliError(
-            f"{path}: not a readable Parquet file ({error}); the file may be "
-            "truncated or corrupt."
-        ) from error
+        return read_csv_header(path, encoding)
+    return parquet_columns(path)
 
 
-def _count_rows(path: Path, fmt: str, columns: list[str]) -> int:
-    """Count data rows: from Parquet metadata, or by streaming through a CSV once."""
+def _count_rows(path: Path, fmt: str, columns: list[str], encoding: str) -> int:
+    """Count data rows: from Parquet metadata, or by parsing a CSV file once.
+
+    The CSV pass also decodes every field, so a bad byte or a ragged row fails
+    here, naming the row, before any model time is spent.
+    """
+    import pyarrow as pa
+
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        return pq.ParquetFile(path).metadata.num_rows
-    reader = _open_csv(path, columns, include=[columns[0]])
-    return sum(batch.num_rows for batch in reader)
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except (OSError, pa.ArrowException) as error:
+            raise parquet_error(path, error) from error
+    try:
+        reader = _open_csv(path, columns, encoding)
+        return sum(batch.num_rows for batch in reader)
+    except (pa.ArrowInvalid, UnicodeDecodeError) as error:
+        raise csv_error(path, error, encoding) from error
 
 
-def csv_options(columns: list[str], include: list[str] | None = None) -> dict:
-    """pyarrow CSV options that read every column as text, newlines in quotes included."""
-    import pyarrow as pa
+def _open_csv(path: Path, columns: list[str], encoding: str):
     import pyarrow.csv as pacsv
 
-    return {
-        "parse_options": pacsv.ParseOptions(newlines_in_values=True),
-        "convert_options": pacsv.ConvertOptions(
-            column_types={name: pa.string() for name in columns},
-            strings_can_be_null=False,
-            quoted_strings_can_be_null=False,
-            include_columns=include or [],
-        ),
-        "read_options": pacsv.ReadOptions(encoding="utf8"),
-    }
-
-
-def _open_csv(path: Path, columns: list[str], include: list[str] | None = None):
-    import pyarrow.csv as pacsv
-
-    return pacsv.open_csv(path, **csv_options(columns, include))
+    return pacsv.open_csv(path, **csv_options(columns, encoding))
 
 
 def iter_local_batches(source: InputSource, batch_size: int) -> Iterator:
@@ -138,7 +139,7 @@ def iter_local_batches(source: InputSource, batch_size: int) -> Iterator:
         if source.format == "parquet":
             batches = pq.ParquetFile(file).iter_batches(batch_size=batch_size)
         else:
-            batches = _open_csv(file, source.columns)
+            batches = _open_csv(file, source.columns, source.encoding)
         pending: list = []
         pending_rows = 0
         for batch in batches:
@@ -171,4 +172,6 @@ def ray_dataset(source: InputSource):
     # even where the free CPU is split across nodes.
     if source.format == "parquet":
         return ray.data.read_parquet(paths, num_cpus=0.25)
-    return ray.data.read_csv(paths, num_cpus=0.25, **csv_options(source.columns))
+    return ray.data.read_csv(
+        paths, num_cpus=0.25, **csv_options(source.columns, source.encoding)
+    )

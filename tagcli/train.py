@@ -20,6 +20,7 @@ from tagcli.evaluate import compute_metrics
 from tagcli.io import read_table
 from tagcli.model import (
     HeadSettings,
+    check_output_folder,
     choose_c,
     fit_head,
     new_version_name,
@@ -44,7 +45,7 @@ class LabeledData:
     mapped: dict[str, int] = field(default_factory=dict)
 
 
-def load_labeled(path: Path, config: Config) -> LabeledData:
+def load_labeled(path: Path, config: Config, encoding: str = "utf-8") -> LabeledData:
     """Read a labeled CSV or Parquet file and map unapproved tags to the fallback.
 
     Raises TagcliError naming the file and rows for empty tags or rows with
@@ -52,7 +53,11 @@ def load_labeled(path: Path, config: Config) -> LabeledData:
     """
     import polars as pl
 
-    frame = read_table(path, LABELED_COLUMNS)
+    frame = read_table(path, LABELED_COLUMNS, encoding)
+    if frame.height == 0:
+        raise TagcliError(
+            f"{path}: the file has a header but no data rows; add labeled rows."
+        )
     frame = frame.with_columns(pl.col("tag").cast(pl.Utf8).str.strip_chars())
 
     _reject_rows(
@@ -138,17 +143,33 @@ class TrainResult:
     seconds: float
 
 
-def train(data_path: Path, config: Config, output: Path | None = None) -> TrainResult:
-    """Train a head on `data_path` and save an artifact; return where and what."""
+def train(
+    data_path: Path, config: Config, output: Path | None = None, encoding: str = "utf-8"
+) -> TrainResult:
+    """Train a head on `data_path` and save an artifact; return where and what.
+
+    Raises TagcliError before any model time is spent when the data or the
+    output folder cannot be used.
+    """
     import numpy as np
     from sklearn.model_selection import train_test_split
 
     started = time.monotonic()
     data_path = Path(data_path)
-    labeled = load_labeled(data_path, config)
+    if output is not None:
+        check_output_folder(Path(output))
+    labeled = load_labeled(data_path, config, encoding)
     frame = labeled.frame
     labels = frame["tag"].to_list()
     check_trainable(data_path, labels, config)
+    missing_tags = [tag for tag in config.tags.approved if tag not in labels]
+    if missing_tags:
+        log.warning(
+            "%s has no rows tagged %s; the model will never predict %s.",
+            data_path,
+            ", ".join(missing_tags),
+            "them" if len(missing_tags) > 1 else "it",
+        )
     seed = config.train.seed
 
     # Split first, on row positions, so the validation rows are never seen by CV.

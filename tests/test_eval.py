@@ -47,7 +47,8 @@ def test_default_set_warns_when_refit_on_all(small_model):
 
     assert result.exit_code == 0, result.output
     assert "data leak" in result.output
-    assert "all_rows" in result.output
+    assert "validation split included" in result.output
+    assert "validation F1 measured before the refit" in result.output
 
 
 def test_default_set_is_clean_without_refit(tmp_path, subset_csv):

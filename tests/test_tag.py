@@ -122,7 +122,7 @@ def test_unsupported_output_extension(tmp_path, small_model):
 
     result = run_cli("tag", SAMPLE_BATCH, "-o", output, "--model", small_model)
 
-    assert result.exit_code == 3
+    assert result.exit_code == 2
     assert "unsupported output format '.xlsx'" in result.output
     assert not output.exists()
 

