@@ -258,7 +258,7 @@ TAG_HELP = """Tag every row of INPUT with one approved tag.
 
 \b
 INPUT is a CSV or Parquet file, or a folder of them, with the columns id,
-title and description. The output holds every input column plus tag,
+title and description. The output contains every input column plus tag,
 confidence and one prob_<tag> column per approved tag. -o names a .csv or
 .parquet file, or a folder (ending with /) of part files.
 

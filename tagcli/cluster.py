@@ -19,7 +19,7 @@ WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     # Ray 2.60's Parquet reader starts 32 footer-reading actors by default:
     # seconds of start-up and about 2 GB of memory on a 2-CPU machine, for
-    # inputs of a few files. Two read footers concurrently all the same.
+    # inputs of a few files. Two actors are enough to read their footers.
     "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2",
 }
 
@@ -28,7 +28,7 @@ WORKER_ENV = {
 class WorkerPlan:
     """How many embedding actors run, the CPUs each reserves, and its torch threads.
 
-    `spread` asks Ray to place the actors on as many nodes as it can.
+    With `spread`, Ray places the actors on as many nodes as it can.
     """
 
     num_workers: int
@@ -45,8 +45,8 @@ def plan_workers(
     Ray Data's file listing, read and write tasks each reserve a whole CPU on
     one node (Ray 2.60). When the actors reserve the rest, those tasks never
     start and the job hangs. So by default there is one actor per CPU in the
-    cluster, spread over the nodes, each reserving (C - 1) / C of a CPU, where C
-    is the CPU count of the smallest node: every node keeps about one CPU free.
+    cluster, spread over the nodes. Each reserves (C - 1) / C of a CPU, where C
+    is the CPU count of the smallest node, so every node keeps about one CPU free.
     On one 2-CPU machine that is two actors at 0.5 CPU. Each actor runs torch on
     one thread unless it reserves more than one CPU.
     """

@@ -2,7 +2,7 @@
 
 Lookup order for the file: `--config PATH`, then `$TAGCLI_CONFIG`, then
 `tagcli.toml` in the working directory. Without any, the defaults below apply.
-Relative paths in the file are resolved against the folder that holds it, so a
+Relative paths in the file are resolved against the folder that contains it, so a
 cron job started from another directory finds the same models.
 """
 
@@ -99,6 +99,7 @@ class Config:
     def validate(self) -> None:
         """Raise ConfigError naming the first setting that cannot work."""
         where = str(self.source) if self.source else "the defaults"
+
         approved = self.tags.approved
         if len(approved) < 2:
             raise ConfigError(f"{where}: [tags] approved needs at least two tags.")
@@ -111,6 +112,7 @@ class Config:
                 f"{where}: [tags] fallback {self.tags.fallback!r} is not in approved "
                 f"{approved}; add it to approved or pick one of them."
             )
+
         if not 0.05 <= self.train.validation_fraction <= 0.5:
             raise ConfigError(
                 f"{where}: [train] validation_fraction must be between 0.05 and 0.5, "
@@ -127,11 +129,13 @@ class Config:
                 f"{where}: [train] c_grid must list positive numbers, "
                 f"got {self.train.c_grid}."
             )
+
         if self.train.class_weight not in ("balanced", "none"):
             raise ConfigError(
                 f'{where}: [train] class_weight must be "balanced" or "none", '
                 f"got {self.train.class_weight!r}."
             )
+
         if self.embedding.batch_size < 1 or self.ray.batch_size < 1:
             raise ConfigError(f"{where}: batch_size must be a positive integer.")
         if self.ray.max_local_rows < 0 or self.output.rows_per_file < 1:

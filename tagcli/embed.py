@@ -18,7 +18,7 @@ BUNDLED_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Which embedding model to load: the `[embedding] model` setting and its source.
+    """The embedding model to load, as the `[embedding] model` setting names it.
 
     `setting` is "bundled", a local folder or a hub name, as in `tagcli.toml`.
     """

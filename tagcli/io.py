@@ -53,7 +53,7 @@ def python_codec(encoding: str) -> str:
 
 
 def check_encoding(encoding: str) -> None:
-    """Raise TagcliError unless Python knows the codec `encoding`."""
+    """Raise TagcliError unless `encoding` names a Python codec."""
     try:
         codecs.lookup(encoding)
     except LookupError as error:

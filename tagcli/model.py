@@ -100,7 +100,7 @@ def choose_c(
     """Pick C by stratified k-fold cross-validation on weighted F1.
 
     Returns (best C, {C: mean weighted F1}). The TF-IDF vocabulary is fitted
-    inside each fold, so no fold sees its own test rows.
+    inside each fold, so no fold's test rows shape its features.
     """
     import numpy as np
     from sklearn.metrics import f1_score

@@ -92,10 +92,10 @@ def load_labeled(path: Path, config: Config, encoding: str = "utf-8") -> Labeled
 def _reject_rows(path: Path, frame, condition, problem: str, fix: str) -> None:
     rows = frame.with_row_index("row", offset=1).filter(condition)["row"].to_list()
     if rows:
-        shown = ", ".join(str(row) for row in rows[:10])
+        first_rows = ", ".join(str(row) for row in rows[:10])
         more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
         raise TagcliError(
-            f"{path}: {len(rows)} row(s) {problem} (data rows {shown}{more}, "
+            f"{path}: {len(rows)} row(s) {problem} (data rows {first_rows}{more}, "
             f"counting from 1 after the header); {fix}."
         )
 

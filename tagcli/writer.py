@@ -13,9 +13,6 @@ from pathlib import Path
 from tagcli.errors import EXIT_USAGE, TagcliError
 from tagcli.io import file_format, temporary_beside
 
-PART_FORMATS = ("parquet", "csv")
-
-
 class FileWriter:
     """Write Arrow tables to one CSV or Parquet file, chosen by the extension.
 

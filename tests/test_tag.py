@@ -79,10 +79,10 @@ def test_existing_output_needs_overwrite(tmp_path, small_model):
     output = tmp_path / "tagged.parquet"
     output.write_text("keep me")
 
-    refused = run_cli("tag", SAMPLE_BATCH, "-o", output, "--model", small_model)
+    rejected = run_cli("tag", SAMPLE_BATCH, "-o", output, "--model", small_model)
 
-    assert refused.exit_code == 2
-    assert "--overwrite" in refused.output
+    assert rejected.exit_code == 2
+    assert "--overwrite" in rejected.output
     assert output.read_text() == "keep me"
 
     replaced = run_cli(
