@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 sample: install
-	$(BIN)/tagcli train sample_data/dataset.csv
+	$(BIN)/tagcli train sample_data/dataset.csv --no-refit
 	$(BIN)/tagcli tag sample_data/batch.parquet -o out/batch.tagged.parquet --overwrite
 	$(BIN)/tagcli eval --json out/eval.json --overwrite
 

@@ -17,12 +17,14 @@ import click
 from tagcli import __version__
 from tagcli.errors import EXIT_INTERNAL, EXIT_USAGE, TagcliError
 from tagcli.io import check_encoding
+from tagcli.writer import is_folder_output
 
 EXIT_CODES_HELP = """\b
 Exit codes:
   0  success
   1  internal error (a bug: please report it with the log)
-  2  usage error: an invalid option or tagcli.toml setting
+  2  usage error: an invalid option or tagcli.toml setting, an output
+     that exists (without --overwrite), or an unsupported output extension
   3  bad input: a file, column or row that cannot be used
 """
 
@@ -30,7 +32,7 @@ Exit codes:
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    no_color = "NO_COLOR" in os.environ
+    no_color = bool(os.environ.get("NO_COLOR"))
     stream = sys.stderr if stderr else sys.stdout
     # Off a terminal rich assumes 80 columns; log files and cron mail take wider lines.
     width = None if stream.isatty() else 120
@@ -72,7 +74,8 @@ class TagcliGroup(click.Group):
             # The reader of standard output (`| head`) has gone, after the work
             # was done; stop writing and exit as a success.
             devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
             ctx.exit(0)
         except KeyboardInterrupt:
             click.echo("Interrupted; no output was written.", err=True)
@@ -97,7 +100,9 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         level = logging.ERROR
     logging.basicConfig(
         level=level,
-        format="%(levelname)s %(name)s: %(message)s",
+        # Timestamps, because these lines end up in cron mail and log files.
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
         stream=sys.stderr,
         force=True,
     )
@@ -195,6 +200,12 @@ def main(
     help='Embedding model: "bundled", a local folder or a hub name. '
     'Default: [embedding] model ("bundled", all-MiniLM-L6-v2).',
 )
+@click.option(
+    "--refit/--no-refit",
+    default=None,
+    help="After validation, fit the saved head on all rows (--refit) or keep "
+    "the head fitted on the training split. Default: [train] refit_on_all (true).",
+)
 @encoding_option
 @output_options
 @click.pass_obj
@@ -204,6 +215,7 @@ def train(
     output: Path | None,
     seed: int | None,
     embedding_model: str | None,
+    refit: bool | None,
     encoding: str,
 ) -> None:
     """Train a model on labeled DATA (CSV or Parquet: id, title, description, tag)."""
@@ -214,6 +226,8 @@ def train(
         config.train.seed = seed
     if embedding_model:
         config.embedding.model = embedding_model
+    if refit is not None:
+        config.train.refit_on_all = refit
 
     check_encoding(encoding)
     result = run_train(data, config, output, encoding)
@@ -294,9 +308,7 @@ A progress bar shows on a terminal; otherwise a log line every 10 s.
 @click.option(
     "--output-format",
     type=click.Choice(["parquet", "csv"]),
-    default="parquet",
-    show_default=True,
-    help="Format of the part files when the output is a folder.",
+    help="Format of the part files when the output is a folder. Default: parquet.",
 )
 @click.option(
     "--model",
@@ -341,7 +353,7 @@ def tag(
     input_path: Path,
     output: str | None,
     overwrite: bool,
-    output_format: str,
+    output_format: str | None,
     model_dir: Path | None,
     executor: str,
     address: str | None,
@@ -362,17 +374,23 @@ def tag(
         config.ray.batch_size = batch_size
     config.validate()
 
+    output = output or _default_output(input_path)
+    if output_format and not is_folder_output(output):
+        raise TagcliError(
+            f"--output-format applies to folder outputs only; {output} is a file, "
+            "whose extension sets the format. End -o with / for part files.",
+            exit_code=EXIT_USAGE,
+        )
     options = TagOptions(
         model_dir=model_dir,
         address=address,
         executor=executor,
         overwrite=overwrite,
-        folder_format=output_format,
+        folder_format=output_format or "parquet",
         show_progress=not obj.quiet,
         encoding=encoding,
     )
     check_encoding(encoding)
-    output = output or _default_output(input_path)
     summary = run_tag(input_path, output, config, options)
     if obj.quiet:
         return

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from tagcli.errors import TagcliError
 
@@ -88,10 +93,6 @@ def connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     _quiet_ray_loggers()
-    if _ray_log_level() > logging.INFO:
-        # Ray Data's actor pool makes the driver's core worker log an "E" line
-        # about constructor arguments on every run; Ray's own log files keep it.
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
 
     runtime_env = {"env_vars": dict(WORKER_ENV)}
     for name, value in WORKER_ENV.items():
@@ -155,3 +156,64 @@ def node_cpus() -> list[float]:
         for node in ray.nodes()
         if node.get("Alive")
     ]
+
+
+@contextmanager
+def ray_native_output_to_file() -> Iterator[Path | None]:
+    """Send what Ray's C++ core writes to file descriptor 2 into a log file.
+
+    Ray's core worker in this process, and the GCS and raylet of a local
+    instance, print start-up lines and an "E" line about constructor arguments
+    on every Ray Data job straight to descriptor 2, past Python's logging.
+    Python's own sys.stderr keeps writing to the terminal through a duplicate
+    of the original descriptor. The file is removed after a clean run and
+    named in an error log line after a failure. With -v nothing is redirected.
+    """
+    if _ray_log_level() <= logging.INFO:
+        yield None
+        return
+
+    try:
+        python_uses_descriptor = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        python_uses_descriptor = False
+    sys.stderr.flush()
+    saved = os.dup(2)
+    handle, name = tempfile.mkstemp(prefix="tagcli-ray-", suffix=".log")
+    os.dup2(handle, 2)
+    os.close(handle)
+
+    original = sys.stderr
+    handlers = []
+    if python_uses_descriptor:
+        sys.stderr = os.fdopen(
+            os.dup(saved), "w", buffering=1, errors="backslashreplace"
+        )
+        handlers = [
+            handler
+            for handler in logging.getLogger().handlers
+            if isinstance(handler, logging.StreamHandler) and handler.stream is original
+        ]
+        for handler in handlers:
+            handler.setStream(sys.stderr)
+
+    failed = False
+    try:
+        yield Path(name)
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        if python_uses_descriptor:
+            replacement = sys.stderr
+            sys.stderr = original
+            for handler in handlers:
+                handler.setStream(original)
+            replacement.close()
+        if failed:
+            log.error("Ray's own messages from this run are in %s", name)
+        else:
+            os.unlink(name)

@@ -42,9 +42,12 @@ def check_readable(path: Path) -> None:
     if not os.access(path, os.R_OK):
         raise TagcliError(f"{path}: permission denied; make the file readable.")
     if path.stat().st_size == 0:
-        raise TagcliError(
-            f"{path}: the file is empty (0 bytes); a CSV needs at least a header line."
+        needs = (
+            "a Parquet file needs at least a footer"
+            if path.suffix.lower() in (".parquet", ".pq")
+            else "a CSV file needs at least a header line"
         )
+        raise TagcliError(f"{path}: the file is empty (0 bytes); {needs}.")
 
 
 def python_codec(encoding: str) -> str:

@@ -93,6 +93,8 @@ def classify_batch(batch, encoder, head, batch_size: int, renames: dict):
         )
     titles = _text_column(batch, "title")
     descriptions = _text_column(batch, "description")
+    # NOTE: a row with neither title nor description is tagged from the empty
+    # string; it is not yet rejected or counted apart.
     texts = [compose_text(t, d) for t, d in zip(titles, descriptions)]
 
     embeddings = embed_texts(encoder, texts, batch_size)
@@ -266,6 +268,20 @@ def _ray_batches(
     Joins the cluster at `address` or starts a local instance, and shuts down
     only an instance this call started, when the generator finishes or is closed.
     """
+    from tagcli.cluster import ray_native_output_to_file
+
+    with ray_native_output_to_file():
+        yield from _ray_pipeline(source, artifact, renames, config, address, summary)
+
+
+def _ray_pipeline(
+    source: InputSource,
+    artifact: Artifact,
+    renames: dict,
+    config: Config,
+    address: str,
+    summary: TagSummary,
+) -> Iterator:
     import ray
     import ray.data
 

@@ -1,7 +1,7 @@
 """Progress of a tagging run: a rich bar on a terminal, plain log lines elsewhere.
 
 Under cron standard error is not a terminal, so the run logs a line such as
-"tagged 4096/10000 rows (180 rows/s, about 33 s left)" every `interval` seconds.
+"tagged 4096/10000 rows (180.0 rows/s, about 33 s left)" every `interval` seconds.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ log = logging.getLogger("tagcli.progress")
 
 
 def use_terminal_bar() -> bool:
-    """Return whether standard error is a terminal and NO_COLOR is unset."""
-    return sys.stderr.isatty() and "NO_COLOR" not in os.environ
+    """Return whether standard error is a terminal and NO_COLOR is unset or empty."""
+    return sys.stderr.isatty() and not os.environ.get("NO_COLOR")
 
 
 class RowProgress:
@@ -72,9 +72,9 @@ class RowProgress:
             )
         elif now - self._last_log >= self.interval or self.done >= self.total:
             self._last_log = now
-            left = (self.total - self.done) / rate if rate > 0 else float("inf")
+            left = (self.total - self.done) / rate
             log.info(
-                "tagged %d/%d rows (%.0f rows/s, about %.0f s left)",
+                "tagged %d/%d rows (%.1f rows/s, about %.0f s left)",
                 self.done,
                 self.total,
                 rate,

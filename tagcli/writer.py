@@ -13,6 +13,7 @@ from pathlib import Path
 from tagcli.errors import EXIT_USAGE, TagcliError
 from tagcli.io import file_format, temporary_beside
 
+
 class FileWriter:
     """Write Arrow tables to one CSV or Parquet file, chosen by the extension.
 

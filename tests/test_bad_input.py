@@ -149,3 +149,34 @@ def test_quiet_after_command(tmp_path, small_model):
     assert result.exit_code == 0, result.output
     assert result.output == ""
     assert read_output(output).height == 200
+
+
+def test_output_format_needs_folder_output(tmp_path, small_model):
+    output = tmp_path / "out.parquet"
+
+    result = run_cli(
+        "tag",
+        SAMPLE_BATCH,
+        "-o",
+        output,
+        "--output-format",
+        "csv",
+        "--model",
+        small_model,
+    )
+
+    assert result.exit_code == 2
+    assert "--output-format applies to folder outputs only" in result.output
+    assert not output.exists()
+
+
+def test_zero_byte_parquet(tmp_path, small_model):
+    source = write_bytes(tmp_path / "zero.parquet", b"")
+
+    result = run_cli("tag", source, "-o", tmp_path / "o.csv", "--model", small_model)
+
+    assert result.exit_code == 3
+    assert (
+        "the file is empty (0 bytes); a Parquet file needs at least a footer"
+        in result.output
+    )

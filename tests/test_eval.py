@@ -106,3 +106,21 @@ def test_slices_select_by_text_and_tag():
     assert metrics["overall"]["rows"] == 4
     assert metrics["per_tag"]["other"]["recall"] == 0.0
     assert metrics["confusion_matrix"]["matrix"][3][2] == 1
+
+
+def test_no_refit_option_keeps_split_head(tmp_path, subset_csv):
+    trained = run_cli(
+        "train", subset_csv, "--no-refit", "--output", tmp_path / "model", "--seed", "3"
+    )
+    assert trained.exit_code == 0, trained.output
+    assert "head fitted on the training split" in trained.output
+
+    result = run_cli(
+        "eval", "--model", tmp_path / "model", "--json", tmp_path / "r.json"
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "data leak" not in result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["leak"]["fitted_on"] == "train_split"
+    assert report["leak"]["overlapping_rows"] == 0
