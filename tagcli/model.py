@@ -188,7 +188,7 @@ def save_artifact(
     """Write the artifact folder to `target` atomically and return `target`.
 
     Files go to a hidden sibling folder first, which is renamed into place, so
-    `newest_artifact` never sees a half-written artifact. Adds the head's sha256
+    `newest_artifact` never finds a half-written artifact. Adds the head's sha256
     and the creation time to `manifest`.
     """
     import joblib

@@ -268,80 +268,76 @@ def _ray_batches(
     Joins the cluster at `address` or starts a local instance, and shuts down
     only an instance this call started, when the generator finishes or is closed.
     """
-    from tagcli.cluster import ray_native_output_to_file
+    import ray
+
+    from tagcli.cluster import (
+        connect,
+        node_cpus,
+        plan_workers,
+        ray_native_output_to_file,
+    )
 
     with ray_native_output_to_file():
-        yield from _ray_pipeline(source, artifact, renames, config, address, summary)
+        started_ray = connect(address)
+        try:
+            plan = plan_workers(
+                node_cpus(), config.ray.num_workers, config.ray.cpus_per_worker
+            )
+            summary.workers = plan.num_workers
+            dataset = _build_dataset(source, artifact, renames, config, plan)
+            yield from dataset.iter_batches(batch_format="pyarrow", batch_size=None)
+        finally:
+            if started_ray:
+                ray.shutdown()
 
 
-def _ray_pipeline(
-    source: InputSource,
-    artifact: Artifact,
-    renames: dict,
-    config: Config,
-    address: str,
-    summary: TagSummary,
-) -> Iterator:
+def _build_dataset(source, artifact, renames: dict, config: Config, plan):
+    """Return the lazy Ray Data pipeline: read, then embed and classify on actors."""
     import ray
     import ray.data
 
-    from tagcli.cluster import connect, node_cpus, plan_workers
     from tagcli.embed import pack_folder
 
-    started_ray = connect(address)
-    try:
-        plan = plan_workers(
-            node_cpus(), config.ray.num_workers, config.ray.cpus_per_worker
-        )
-        summary.workers = plan.num_workers
-        context = ray.data.DataContext.get_current()
-        context.execution_options.preserve_order = True
-        context.enable_progress_bars = False
-        context.print_on_execution_start = False
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
 
-        spec = ModelSpec(
-            artifact.manifest["embedding"]["model"], config.embedding.offline
-        )
-        folder = spec.local_folder()
-        model_folder_ref = [ray.put(pack_folder(folder))] if folder else []
+    spec = ModelSpec(artifact.manifest["embedding"]["model"], config.embedding.offline)
+    folder = spec.local_folder()
+    model_folder_ref = [ray.put(pack_folder(folder))] if folder else []
 
-        # Blocks of at most one batch, and at least one block per worker, so
-        # small inputs still keep every actor busy. Readers split their output
-        # by bytes, so the target block size comes from the bytes of a row.
-        # A repartition step would do it by rows, but its tasks reserve a whole
-        # CPU, which a cluster whose free CPU is split across nodes never has.
-        rows_per_block = max(
-            1, min(config.ray.batch_size, -(-source.rows // plan.num_workers))
-        )
-        context.target_max_block_size = max(
-            1024, int(rows_per_block * bytes_per_row(source))
-        )
-        dataset = ray_dataset(source)
-        spread_args = {}
-        if plan.spread:
-            spread_args["ray_remote_args_fn"] = lambda: {
-                "scheduling_strategy": "SPREAD"
-            }
-        dataset = dataset.map_batches(
-            TagWorker,
-            fn_constructor_kwargs={
-                "head_ref": [ray.put(artifact.head)],
-                "spec": spec,
-                "model_folder_ref": model_folder_ref,
-                "threads": plan.torch_threads,
-                "batch_size": config.embedding.batch_size,
-                "renames": renames,
-            },
-            batch_size=config.ray.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=plan.num_workers),
-            num_cpus=plan.cpus_per_worker,
-            **spread_args,
-        )
-        yield from dataset.iter_batches(batch_format="pyarrow", batch_size=None)
-    finally:
-        if started_ray:
-            ray.shutdown()
+    # Blocks of at most one batch, and at least one block per worker, so small
+    # inputs still keep every actor busy. Readers split their output by bytes,
+    # so the target block size comes from the bytes of a row. A repartition
+    # step would split by rows, but its tasks reserve a whole CPU, which a
+    # cluster whose free CPU is split across nodes never has.
+    rows_per_block = max(
+        1, min(config.ray.batch_size, -(-source.rows // plan.num_workers))
+    )
+    context.target_max_block_size = max(
+        1024, int(rows_per_block * bytes_per_row(source))
+    )
+
+    spread_args = {}
+    if plan.spread:
+        spread_args["ray_remote_args_fn"] = lambda: {"scheduling_strategy": "SPREAD"}
+    return ray_dataset(source).map_batches(
+        TagWorker,
+        fn_constructor_kwargs={
+            "head_ref": [ray.put(artifact.head)],
+            "spec": spec,
+            "model_folder_ref": model_folder_ref,
+            "threads": plan.torch_threads,
+            "batch_size": config.embedding.batch_size,
+            "renames": renames,
+        },
+        batch_size=config.ray.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=plan.num_workers),
+        num_cpus=plan.cpus_per_worker,
+        **spread_args,
+    )
 
 
 def _output_schema(source: InputSource, renames: dict, added: list[str]):

@@ -1,4 +1,4 @@
-"""The text a row is embedded as, and the key that says two rows hold the same content."""
+"""The text a row is embedded as, and the key that marks two rows as the same content."""
 
 from __future__ import annotations
 

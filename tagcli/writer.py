@@ -59,8 +59,8 @@ class FolderWriter:
     """Write Arrow tables to numbered part files in a folder, `rows_per_file` rows each.
 
     Parts go to a hidden staging folder beside `path`, renamed onto `path` by
-    `commit()`. A part file is closed before the next opens, so memory holds at
-    most one batch.
+    `commit()`. A part file is closed before the next opens, so memory
+    contains at most one batch.
     """
 
     def __init__(self, path: Path, fmt: str, rows_per_file: int) -> None:

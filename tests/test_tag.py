@@ -236,25 +236,31 @@ def test_folder_output_as_csv_parts(tmp_path, small_model):
     assert read_output(output / "part-00000.csv").height == 200
 
 
+def local_tag_command(output, model) -> list[str]:
+    """Return the argv of an in-process `tagcli tag` of the sample batch."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "tagcli",
+        "tag",
+        str(SAMPLE_BATCH),
+        "-o",
+        str(output),
+        "--model",
+        str(model),
+        "--executor",
+        "local",
+    ]
+
+
 def test_plain_progress_lines_off_terminal(tmp_path, small_model):
     import subprocess
-    import sys
 
     output = tmp_path / "tagged.parquet"
     completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tagcli",
-            "tag",
-            str(SAMPLE_BATCH),
-            "-o",
-            str(output),
-            "--model",
-            str(small_model),
-            "--executor",
-            "local",
-        ],
+        local_tag_command(output, small_model),
         capture_output=True,
         text=True,
         check=False,
@@ -270,25 +276,12 @@ def test_progress_bar_on_terminal(tmp_path, small_model):
     import os
     import pty
     import subprocess
-    import sys
 
     output = tmp_path / "tagged.parquet"
     leader, follower = pty.openpty()
     env = {key: value for key, value in os.environ.items() if key != "NO_COLOR"}
     completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tagcli",
-            "tag",
-            str(SAMPLE_BATCH),
-            "-o",
-            str(output),
-            "--model",
-            str(small_model),
-            "--executor",
-            "local",
-        ],
+        local_tag_command(output, small_model),
         stdout=subprocess.PIPE,
         stderr=follower,
         text=True,
