@@ -110,8 +110,10 @@ class FolderWriter:
             old = self.path.parent / f".{self.path.name}.old-{os.getpid()}"
             os.replace(self.path, old)
         os.replace(self._staging, self.path)
-        if old is not None:
+        if old is not None and old.is_dir():
             shutil.rmtree(old)
+        elif old is not None:
+            old.unlink()
 
     def abort(self) -> None:
         if self._part is not None:
