@@ -7,6 +7,15 @@ EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_BAD_INPUT = 3
+# The output was written, but some rows went to the rejects file.
+EXIT_PARTIAL = 4
+# Drift found with --fail-on-drift.
+EXIT_DRIFT = 5
+# Another run holds the state lock (EX_TEMPFAIL from sysexits.h: try again later).
+EXIT_LOCKED = 75
+# Ctrl-C, and SIGTERM: 128 plus the signal number, as a shell reports it.
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 class TagcliError(Exception):
