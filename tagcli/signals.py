@@ -1,0 +1,51 @@
+"""SIGTERM as a clean abort: the run unwinds, removes its temporaries and exits 143.
+
+cron, systemd and `timeout` stop a job with SIGTERM. Without a handler Python
+dies at once and leaves temporary files behind. With this one, SIGTERM raises
+`Terminated` in the main thread, so the `except`/`finally` blocks that remove
+partial outputs run as they do for any error.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class Terminated(BaseException):
+    """Raised in the main thread when the process receives SIGTERM.
+
+    A BaseException, like KeyboardInterrupt, so `except Exception` blocks
+    that turn failures into input errors let it through.
+    """
+
+
+def _raise_terminated(signum, frame) -> None:
+    # A second SIGTERM during clean-up stops the process at once.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated()
+
+
+def install_sigterm_handler() -> None:
+    """Make SIGTERM raise Terminated; does nothing outside the main thread.
+
+    Call it again after `ray.init()`, which installs its own handler.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Make SIGTERM raise Terminated inside the block; restore the old handler after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    install_sigterm_handler()
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
