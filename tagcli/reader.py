@@ -27,13 +27,19 @@ from tagcli.io import (
 
 @dataclass
 class InputSource:
-    """A dump to tag: its files (all of one format), columns and total row count."""
+    """A dump to tag: its files (all of one format), columns and total row count.
+
+    `schema` is the Arrow schema every batch is cast to: all text for CSV, and
+    for Parquet the files' schemas unified, so a column that is all null (of
+    type null) in one file takes its type from the others.
+    """
 
     path: Path
     files: list[Path]
     format: str
     columns: list[str]
     rows: int
+    schema: object
     encoding: str = "utf-8"
 
 
@@ -86,14 +92,86 @@ def open_source(
                 f"{files[0]}; every file in an input folder needs the same columns."
             )
         rows += _count_rows(file, fmt, file_columns, encoding)
+
+    if fmt == "parquet":
+        schema = unify_parquet_schemas(path, files)
+        if rows:
+            check_not_all_null(path, files, required)
+    else:
+        schema = _text_schema(columns)
     return InputSource(
         path=path,
         files=files,
         format=fmt,
         columns=columns,
         rows=rows,
+        schema=schema,
         encoding=encoding,
     )
+
+
+def _text_schema(columns: list[str]):
+    import pyarrow as pa
+
+    return pa.schema([pa.field(name, pa.string()) for name in columns])
+
+
+def unify_parquet_schemas(path: Path, files: list[Path]):
+    """Return one schema for all `files`, or raise TagcliError naming the column.
+
+    A column of type null, as written for a column that is all null in a file,
+    takes the type the other files give it. Other type differences are errors.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schemas = [pq.read_schema(file) for file in files]
+    try:
+        return pa.unify_schemas(schemas)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        raise TagcliError(
+            f"{path}: the Parquet files give a column different types "
+            f"({str(error).strip().splitlines()[0]}); write every file with the "
+            "same column types."
+        ) from error
+
+
+def check_not_all_null(path: Path, files: list[Path], columns: tuple[str, ...]) -> None:
+    """Raise TagcliError when a required column is null in every row of the input.
+
+    Counts nulls from the Parquet statistics where the writer stored them,
+    else by reading that one column.
+    """
+    for name in columns:
+        if all(_parquet_all_null(file, name) for file in files):
+            raise TagcliError(
+                f"{path}: column {name!r} is null in every row, so there is "
+                f"nothing to read there; fill in the {name} values, or write "
+                "empty strings for rows that have none."
+            )
+
+
+def _parquet_all_null(file: Path, name: str) -> bool:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(file)
+    if parquet.schema_arrow.field(name).type == pa.null():
+        return True
+    metadata = parquet.metadata
+    # Statistics are kept per leaf column; a text column is its own leaf.
+    leaves = [metadata.schema.column(i).path for i in range(metadata.num_columns)]
+    if name not in leaves:
+        return False
+    index = leaves.index(name)
+    nulls = 0
+    for group in range(metadata.num_row_groups):
+        statistics = metadata.row_group(group).column(index).statistics
+        if statistics is None or not statistics.has_null_count:
+            nulls = parquet.read(columns=[name]).column(0).null_count
+            break
+        nulls += statistics.null_count
+    return nulls == metadata.num_rows
 
 
 def _columns_of(path: Path, fmt: str, encoding: str) -> list[str]:
@@ -143,6 +221,8 @@ def iter_local_batches(source: InputSource, batch_size: int) -> Iterator:
         pending: list = []
         pending_rows = 0
         for batch in batches:
+            if not batch.schema.equals(source.schema, check_metadata=False):
+                batch = batch.select(source.schema.names).cast(source.schema)
             pending.append(batch)
             pending_rows += batch.num_rows
             while pending_rows >= batch_size:
@@ -171,7 +251,7 @@ def ray_dataset(source: InputSource):
     # Read tasks reserve a quarter CPU, so they fit beside the embedding actors
     # even where the free CPU is split across nodes.
     if source.format == "parquet":
-        return ray.data.read_parquet(paths, num_cpus=0.25)
+        return ray.data.read_parquet(paths, num_cpus=0.25, schema=source.schema)
     return ray.data.read_csv(
         paths, num_cpus=0.25, **csv_options(source.columns, source.encoding)
     )
