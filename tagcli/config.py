@@ -82,6 +82,17 @@ class OutputConfig:
 
 
 @dataclass
+class RowsConfig:
+    # A row with neither title nor description: "reject" sends it to the
+    # rejects file; "tag" tags it from the empty string.
+    empty_text: str = "reject"
+    # A row whose text has more tokens than the embedding model reads, counted
+    # by its tokenizer (256 for all-MiniLM-L6-v2). "truncate" tags it from the
+    # first tokens, and "reject" sends it to the rejects file.
+    long_text: str = "truncate"
+
+
+@dataclass
 class PathsConfig:
     models_dir: Path = Path("models")
 
@@ -93,6 +104,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    rows: RowsConfig = field(default_factory=RowsConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     source: Path | None = None
 
@@ -143,6 +155,16 @@ class Config:
                 f"{where}: [ray] max_local_rows must not be negative and "
                 "[output] rows_per_file must be positive."
             )
+        if self.rows.empty_text not in ("reject", "tag"):
+            raise ConfigError(
+                f'{where}: [rows] empty_text must be "reject" or "tag", '
+                f"got {self.rows.empty_text!r}."
+            )
+        if self.rows.long_text not in ("truncate", "reject"):
+            raise ConfigError(
+                f'{where}: [rows] long_text must be "truncate" or "reject", '
+                f"got {self.rows.long_text!r}."
+            )
         if self.ray.num_workers < 0:
             raise ConfigError(f"{where}: [ray] num_workers must not be negative.")
         if self.ray.cpus_per_worker < 0 and self.ray.cpus_per_worker != -1:
@@ -157,6 +179,7 @@ _SECTIONS = {
     "train": TrainConfig,
     "ray": RayConfig,
     "output": OutputConfig,
+    "rows": RowsConfig,
     "paths": PathsConfig,
 }
 

@@ -27,7 +27,8 @@ from tagcli.reader import (
     open_source,
     ray_dataset,
 )
-from tagcli.writer import open_writer
+from tagcli.rows import RowPolicy, rejects_path, split_rejects
+from tagcli.writer import RejectsWriter, open_writer
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class TagWorker:
         threads: int,
         batch_size: int,
         renames: dict,
+        policy: RowPolicy | None = None,
     ):
         import ray
 
@@ -72,19 +74,33 @@ class TagWorker:
         self.encoder = load_encoder(spec, threads=threads)
         self.batch_size = batch_size
         self.renames = renames
+        self.policy = policy
 
     def __call__(self, batch):
         return classify_batch(
-            batch, self.encoder, self.head, self.batch_size, self.renames
+            batch, self.encoder, self.head, self.batch_size, self.renames, self.policy
         )
 
 
-def classify_batch(batch, encoder, head, batch_size: int, renames: dict):
-    """Return `batch` (an Arrow table) with tag, confidence and probability columns."""
+def classify_batch(
+    batch,
+    encoder,
+    head,
+    batch_size: int,
+    renames: dict,
+    policy: RowPolicy | None = None,
+):
+    """Return `batch` (an Arrow table) with tag, confidence and probability columns.
+
+    With a `policy`, rows it rejects get null tag columns, and two marker
+    columns record each rejected row's reason and each truncated row (see
+    `tagcli.rows`).
+    """
     import numpy as np
     import pyarrow as pa
 
     from tagcli.embed import embed_texts
+    from tagcli.rows import REJECT_MARKER, TRUNCATED_MARKER, screen_texts
     from tagcli.text import compose_text
 
     if renames:
@@ -93,23 +109,45 @@ def classify_batch(batch, encoder, head, batch_size: int, renames: dict):
         )
     titles = _text_column(batch, "title")
     descriptions = _text_column(batch, "description")
-    # NOTE: a row with neither title nor description is tagged from the empty
-    # string; it is not yet rejected or counted apart.
     texts = [compose_text(t, d) for t, d in zip(titles, descriptions)]
-
-    embeddings = embed_texts(encoder, texts, batch_size)
-    probabilities = head.predict_proba(embeddings, texts)
-    best = probabilities.argmax(axis=1)
+    screening = screen_texts(texts, encoder, policy) if policy else None
+    tagged_rows = [
+        index
+        for index in range(len(texts))
+        if screening is None or screening.reasons[index] is None
+    ]
+    tagged_texts = [texts[index] for index in tagged_rows]
 
     tags = head.tags
+    if tagged_texts:
+        embeddings = embed_texts(encoder, tagged_texts, batch_size)
+        probabilities = head.predict_proba(embeddings, tagged_texts)
+    else:
+        # scikit-learn rejects an empty feature matrix.
+        probabilities = np.zeros((0, len(tags)))
+    best = probabilities.argmax(axis=1)
+
+    # Rejected rows keep null tag columns, so scatter the results back by row.
+    full = np.full((len(texts), len(tags)), np.nan)
+    full[tagged_rows] = probabilities
+    mask = np.ones(len(texts), dtype=bool)
+    mask[tagged_rows] = False
+    tag_names = [None] * len(texts)
+    confidence = np.full(len(texts), np.nan)
+    for position, row in enumerate(tagged_rows):
+        tag_names[row] = tags[best[position]]
+        confidence[row] = probabilities[position, best[position]]
     columns = {
-        "tag": pa.array([tags[i] for i in best], pa.string()),
-        "confidence": pa.array(probabilities[np.arange(len(best)), best], pa.float64()),
+        "tag": pa.array(tag_names, pa.string()),
+        "confidence": pa.array(confidence, pa.float64(), mask=mask),
     }
     for index, tag in enumerate(tags):
         columns[PROBABILITY_PREFIX + tag] = pa.array(
-            probabilities[:, index], pa.float64()
+            full[:, index], pa.float64(), mask=mask
         )
+    if screening is not None:
+        columns[REJECT_MARKER] = pa.array(screening.reasons, pa.string())
+        columns[TRUNCATED_MARKER] = pa.array(screening.truncated_rows, pa.bool_())
     for name, values in columns.items():
         batch = batch.append_column(name, values)
     return batch
@@ -135,12 +173,25 @@ class TagOptions:
 
 @dataclass
 class TagSummary:
+    """Counts and paths of one `tag` run.
+
+    Every row read is counted once: rows_read = rows_written + rows_duplicate
+    + rows_rejected. rows_written counts tagged rows; rows_truncated counts
+    the tagged rows whose text the model read only in part.
+    """
+
     input: Path
     output: Path
     model: Path
     executor: str = ""
     rows_read: int = 0
     rows_written: int = 0
+    # Filled by duplicate detection; 0 until that step exists.
+    rows_duplicate: int = 0
+    rows_rejected: int = 0
+    rows_truncated: int = 0
+    # The rejects file, or None when no row was rejected.
+    rejects: Path | None = None
     tag_counts: dict[str, int] = field(default_factory=dict)
     renamed_columns: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
@@ -210,39 +261,63 @@ def tag(
         options.folder_format,
         config.output.rows_per_file,
     )
+    rejects = RejectsWriter(
+        rejects_path(output_path, options.folder_format), options.overwrite
+    )
+    policy = RowPolicy.from_config(config)
     counts: Counter[str] = Counter()
+    batches = None
     try:
         with RowProgress(source.rows, enabled=options.show_progress) as progress:
             if executor == "ray":
                 batches = _ray_batches(
-                    source, artifact, renames, config, address, summary
+                    source, artifact, renames, config, address, summary, policy
                 )
             else:
-                batches = _local_batches(source, artifact, renames, config)
+                batches = _local_batches(source, artifact, renames, config, policy)
                 summary.workers = 1
             for batch in batches:
-                writer.write(batch)
-                counts.update(batch.column("tag").to_pylist())
+                split = split_rejects(batch, renames, added)
+                writer.write(split.tagged)
+                if split.rejected is not None:
+                    rejects.write(split.rejected)
+                summary.rows_truncated += split.truncated
+                counts.update(split.tagged.column("tag").to_pylist())
                 progress.advance(batch.num_rows)
 
-        if writer.rows_written != source.rows:
+        accounted = writer.rows_written + summary.rows_duplicate + rejects.rows_written
+        if accounted != source.rows:
             raise RuntimeError(
                 f"{source.path}: read {source.rows} rows but tagged "
-                f"{writer.rows_written}; no output was written."
+                f"{writer.rows_written}, found {summary.rows_duplicate} duplicates "
+                f"and rejected {rejects.rows_written}; no output was written."
             )
+        # The rejects file goes first, so an output never appears without it.
+        rejects.commit()
         writer.commit(_output_schema(source, renames, added))
     except BaseException:
         writer.abort()
+        rejects.abort()
         raise
+    finally:
+        if batches is not None:
+            # Stops a Ray instance this run started, even on an error.
+            batches.close()
 
     summary.rows_written = writer.rows_written
+    summary.rows_rejected = rejects.rows_written
+    summary.rejects = rejects.path if rejects.rows_written else None
     summary.tag_counts = {name: counts.get(name, 0) for name in artifact.tags}
     summary.seconds = time.monotonic() - started
     return summary
 
 
 def _local_batches(
-    source: InputSource, artifact: Artifact, renames: dict, config: Config
+    source: InputSource,
+    artifact: Artifact,
+    renames: dict,
+    config: Config,
+    policy: RowPolicy,
 ):
     """Yield tagged batches embedded in this process, in input order."""
     from tagcli.embed import load_encoder
@@ -251,7 +326,7 @@ def _local_batches(
     encoder = load_encoder(spec)
     for batch in iter_local_batches(source, config.ray.batch_size):
         yield classify_batch(
-            batch, encoder, artifact.head, config.embedding.batch_size, renames
+            batch, encoder, artifact.head, config.embedding.batch_size, renames, policy
         )
 
 
@@ -262,6 +337,7 @@ def _ray_batches(
     config: Config,
     address: str,
     summary: TagSummary,
+    policy: RowPolicy,
 ) -> Iterator:
     """Yield tagged batches from a Ray Data pipeline, in input order.
 
@@ -276,22 +352,27 @@ def _ray_batches(
         plan_workers,
         ray_native_output_to_file,
     )
+    from tagcli.signals import install_sigterm_handler
 
     with ray_native_output_to_file():
         started_ray = connect(address)
+        # ray.init() replaces the SIGTERM handler with one that calls sys.exit.
+        install_sigterm_handler()
         try:
             plan = plan_workers(
                 node_cpus(), config.ray.num_workers, config.ray.cpus_per_worker
             )
             summary.workers = plan.num_workers
-            dataset = _build_dataset(source, artifact, renames, config, plan)
+            dataset = _build_dataset(source, artifact, renames, config, plan, policy)
             yield from dataset.iter_batches(batch_format="pyarrow", batch_size=None)
         finally:
             if started_ray:
                 ray.shutdown()
 
 
-def _build_dataset(source, artifact, renames: dict, config: Config, plan):
+def _build_dataset(
+    source, artifact, renames: dict, config: Config, plan, policy: RowPolicy
+):
     """Return the lazy Ray Data pipeline: read, then embed and classify on actors."""
     import ray
     import ray.data
@@ -331,6 +412,7 @@ def _build_dataset(source, artifact, renames: dict, config: Config, plan):
             "threads": plan.torch_threads,
             "batch_size": config.embedding.batch_size,
             "renames": renames,
+            "policy": policy,
         },
         batch_size=config.ray.batch_size,
         batch_format="pyarrow",
@@ -344,19 +426,11 @@ def _output_schema(source: InputSource, renames: dict, added: list[str]):
     """Return the output schema, used to write the header of an empty output."""
     import pyarrow as pa
 
-    if source.format == "parquet":
-        import pyarrow.parquet as pq
-
-        input_schema = pq.read_schema(source.files[0])
-        fields = [
-            pa.field(renames.get(f.name, f.name), f.type)
-            for f in input_schema
-            if not f.name.startswith("__")
-        ]
-    else:
-        fields = [
-            pa.field(renames.get(name, name), pa.string()) for name in source.columns
-        ]
+    fields = [
+        pa.field(renames.get(f.name, f.name), f.type)
+        for f in source.schema
+        if not f.name.startswith("__")
+    ]
     fields.append(pa.field("tag", pa.string()))
     fields.extend(pa.field(name, pa.float64()) for name in added[1:])
     return pa.schema(fields)

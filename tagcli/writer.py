@@ -151,3 +151,41 @@ def open_writer(
         )
     file_format(path, purpose="output")
     return FileWriter(path)
+
+
+class RejectsWriter:
+    """Write rejected rows to one CSV or Parquet file beside the output.
+
+    The file is created only when the first rejected row arrives, through a
+    temporary file like the output. An existing rejects file is an error
+    without `overwrite`. With it, `commit()` removes the old file when this
+    run rejected nothing, so no stale rejects stay beside a new output.
+    """
+
+    def __init__(self, path: Path, overwrite: bool) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not overwrite:
+            raise TagcliError(
+                f"{self.path}: the rejects file of this output exists; pass "
+                "--overwrite to replace both, or choose another path with -o.",
+                exit_code=EXIT_USAGE,
+            )
+        file_format(self.path, purpose="output")
+        self._file: FileWriter | None = None
+        self.rows_written = 0
+
+    def write(self, table) -> None:
+        if self._file is None:
+            self._file = FileWriter(self.path)
+        self._file.write(table)
+        self.rows_written += table.num_rows
+
+    def commit(self) -> None:
+        if self._file is None:
+            self.path.unlink(missing_ok=True)
+            return
+        self._file.commit(None)
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.abort()
