@@ -184,17 +184,19 @@ def save_artifact(
     manifest: dict,
     validation_frame,
     fitted_keys: list[str],
+    overwrite: bool = False,
 ) -> Path:
     """Write the artifact folder to `target` atomically and return `target`.
 
     Files go to a hidden sibling folder first, which is renamed into place, so
-    `newest_artifact` never finds a half-written artifact. Adds the head's sha256
-    and the creation time to `manifest`.
+    `newest_artifact` never finds a half-written artifact. With `overwrite`,
+    an artifact already at `target` is replaced only then. Adds the head's
+    sha256 and the creation time to `manifest`.
     """
     import joblib
 
     target = Path(target)
-    check_output_folder(target)
+    check_output_folder(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.partial-{os.getpid()}"
     if staging.exists():
@@ -213,23 +215,42 @@ def save_artifact(
             for name in (HEAD_FILE, VALIDATION_FILE, FITTED_ROWS_FILE)
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        old = None
         if target.exists():
-            target.rmdir()
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
         os.replace(staging, target)
+        if old is not None:
+            shutil.rmtree(old)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
     return target
 
 
-def check_output_folder(target: Path) -> None:
-    """Raise TagcliError when `target` exists and is not an empty folder."""
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+def check_output_folder(target: Path, overwrite: bool = False) -> None:
+    """Raise TagcliError unless `target` is missing, an empty folder, or replaceable.
+
+    With `overwrite`, a folder holding a model artifact (a manifest.json) may
+    be replaced. Any other non-empty folder is never replaced, so a mistyped
+    --output cannot delete unrelated files.
+    """
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        return
+    if overwrite and target.is_dir() and (target / MANIFEST_FILE).is_file():
+        return
+    if overwrite:
         raise TagcliError(
-            f"{target}: the output folder exists and is not empty; choose a new "
-            "folder for --output or remove this one.",
+            f"{target}: the output folder is not empty and contains no model "
+            "artifact (no manifest.json), so --overwrite does not replace it; "
+            "choose a new folder for --output.",
             exit_code=EXIT_USAGE,
         )
+    raise TagcliError(
+        f"{target}: the output folder exists and is not empty; pass --overwrite "
+        "to replace the model artifact in it, or choose a new folder for --output.",
+        exit_code=EXIT_USAGE,
+    )
 
 
 def newest_artifact(models_dir: Path) -> Path:

@@ -144,12 +144,17 @@ class TrainResult:
 
 
 def train(
-    data_path: Path, config: Config, output: Path | None = None, encoding: str = "utf-8"
+    data_path: Path,
+    config: Config,
+    output: Path | None = None,
+    encoding: str = "utf-8",
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train a head on `data_path` and save an artifact; return where and what.
 
-    Raises TagcliError before any model time is spent when the data or the
-    output folder cannot be used.
+    `overwrite` lets `output` replace a model artifact already there. Raises
+    TagcliError before any model time is spent when the data or the output
+    folder cannot be used.
     """
     import numpy as np
     from sklearn.model_selection import train_test_split
@@ -157,7 +162,7 @@ def train(
     started = time.monotonic()
     data_path = Path(data_path)
     if output is not None:
-        check_output_folder(Path(output))
+        check_output_folder(Path(output), overwrite)
     labeled = load_labeled(data_path, config, encoding)
     frame = labeled.frame
     labels = frame["tag"].to_list()
@@ -266,7 +271,7 @@ def train(
 
     models_dir = config.paths.models_dir
     target = Path(output) if output else models_dir / new_version_name(models_dir)
-    save_artifact(target, head, manifest, validation_frame, fitted_keys)
+    save_artifact(target, head, manifest, validation_frame, fitted_keys, overwrite)
     return TrainResult(
         artifact=target,
         manifest=manifest,
