@@ -10,23 +10,46 @@ import json
 import logging
 import os
 import sys
+import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
 
 from tagcli import __version__
-from tagcli.errors import EXIT_INTERNAL, EXIT_USAGE, TagcliError
+from tagcli.errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_PARTIAL,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    TagcliError,
+)
 from tagcli.io import check_encoding
+from tagcli.signals import Terminated, sigterm_raises
+from tagcli.stdin import INPUT_FORMATS, STDIN_NAME, is_stdin, spooled_stdin
 from tagcli.writer import is_folder_output
 
-EXIT_CODES_HELP = """\b
-Exit codes:
-  0  success
-  1  internal error (a bug: please report it with the log)
-  2  usage error: an invalid option or tagcli.toml setting, an output
-     that exists (without --overwrite), or an unsupported output extension
-  3  bad input: a file, column or row that cannot be used
-"""
+# One line per exit code; each command's epilog lists the codes it can return.
+_EXIT_CODE_LINES = {
+    0: "  0    success",
+    1: "  1    internal error (a bug: please report it with the log)",
+    2: "  2    usage error: an invalid option or tagcli.toml setting, an output\n"
+    "       that exists (without --overwrite), or an unsupported output extension",
+    3: "  3    bad input: a file, column or row that cannot be used",
+    4: "  4    partial success: the output was written, and some rows went to\n"
+    "       the rejects file ([rows] in tagcli.toml)",
+    130: "  130  interrupted with Ctrl-C; no output was written",
+    143: "  143  stopped by SIGTERM; no output was written",
+}
+
+
+def exit_codes_help(*codes: int) -> str:
+    lines = "\n".join(_EXIT_CODE_LINES[code] for code in codes)
+    return f"\b\nExit codes:\n{lines}\n"
+
+
+EXIT_CODES_HELP = exit_codes_help(0, 1, 2, 3, 4, 130, 143)
 
 
 def _console(stderr: bool = False):
@@ -34,10 +57,18 @@ def _console(stderr: bool = False):
 
     no_color = bool(os.environ.get("NO_COLOR"))
     stream = sys.stderr if stderr else sys.stdout
+    is_terminal = stream.isatty()
     # Off a terminal rich assumes 80 columns; log files and cron mail take wider lines.
-    width = None if stream.isatty() else 120
+    width = None if is_terminal else 120
+    # Off a terminal no escape codes at all, even with FORCE_COLOR set.
     return Console(
-        stderr=stderr, no_color=no_color, highlight=False, width=width, soft_wrap=True
+        stderr=stderr,
+        force_terminal=is_terminal,
+        color_system="auto" if is_terminal and not no_color else None,
+        no_color=no_color,
+        highlight=False,
+        width=width,
+        soft_wrap=True,
     )
 
 
@@ -49,6 +80,9 @@ class _Obj:
         self.verbose = verbose
         self.quiet = quiet
         self._config = None
+        self.started = time.monotonic()
+        # The command name, set when the command's --json requests a summary line.
+        self.json_command: str | None = None
 
     @property
     def config(self):
@@ -64,12 +98,22 @@ class TagcliGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with sigterm_raises():
+                return super().invoke(ctx)
         except TagcliError as error:
             click.echo(f"Error: {error}", err=True)
+            _echo_failure_json(ctx, error.exit_code, str(error))
             ctx.exit(error.exit_code)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
+        except Terminated:
+            message = (
+                "Stopped by SIGTERM; temporary files were removed and no output "
+                "was written."
+            )
+            click.echo(message, err=True)
+            _echo_failure_json(ctx, EXIT_TERMINATED, message)
+            ctx.exit(EXIT_TERMINATED)
         except BrokenPipeError:
             # The reader of standard output (`| head`) has gone, after the work
             # was done; stop writing and exit as a success.
@@ -79,15 +123,49 @@ class TagcliGroup(click.Group):
             ctx.exit(0)
         except KeyboardInterrupt:
             click.echo("Interrupted; no output was written.", err=True)
-            ctx.exit(130)
+            _echo_failure_json(ctx, EXIT_INTERRUPTED, "interrupted")
+            ctx.exit(EXIT_INTERRUPTED)
         except Exception as error:  # an unexpected failure is a bug: keep the traceback
             logging.getLogger("tagcli").exception("internal error")
-            click.echo(
+            message = (
                 f"Internal error: {type(error).__name__}: {error}. This is a bug in "
-                "tagcli; the traceback is above.",
-                err=True,
+                "tagcli; the traceback is above."
             )
+            click.echo(message, err=True)
+            _echo_failure_json(ctx, EXIT_INTERNAL, message)
             ctx.exit(EXIT_INTERNAL)
+
+
+def _echo_failure_json(ctx: click.Context, exit_code: int, message: str) -> None:
+    """Print the --json summary line of a failed command, when --json was given."""
+    obj = ctx.obj
+    if not isinstance(obj, _Obj) or obj.json_command is None:
+        return
+    record = {
+        "command": obj.json_command,
+        "exit_code": exit_code,
+        "error": message,
+        "seconds": round(time.monotonic() - obj.started, 3),
+    }
+    click.echo(json.dumps(record))
+
+
+def json_option(command):
+    return click.option(
+        "--json",
+        "json_summary",
+        is_flag=True,
+        help="Print one JSON summary line on standard output (counts, paths, "
+        "exit code, seconds), also when the command fails; the report goes to "
+        "standard error.",
+    )(command)
+
+
+def _input_context(path: Path, input_format: str = "auto"):
+    """Return a context yielding the file to read: `path`, or standard input spooled."""
+    if is_stdin(path):
+        return spooled_stdin(input_format)
+    return nullcontext(path)
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -181,7 +259,8 @@ def main(
 
 
 @main.command(
-    epilog=EXIT_CODES_HELP, short_help="Train a model on labeled CSV or Parquet data."
+    epilog=exit_codes_help(0, 1, 2, 3, 130, 143),
+    short_help="Train a model on labeled CSV or Parquet data.",
 )
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option(
@@ -189,6 +268,11 @@ def main(
     "--output",
     type=click.Path(file_okay=False, path_type=Path),
     help="Folder for the model artifact. Default: a new versioned folder under [paths] models_dir.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace the --output folder if it contains a model artifact.",
 )
 @click.option(
     "--seed",
@@ -207,20 +291,28 @@ def main(
     "the head fitted on the training split. Default: [train] refit_on_all (true).",
 )
 @encoding_option
+@json_option
 @output_options
 @click.pass_obj
 def train(
     obj: _Obj,
     data: Path,
     output: Path | None,
+    overwrite: bool,
     seed: int | None,
     embedding_model: str | None,
     refit: bool | None,
     encoding: str,
+    json_summary: bool,
 ) -> None:
-    """Train a model on labeled DATA (CSV or Parquet: id, title, description, tag)."""
+    """Train a model on labeled DATA (CSV or Parquet: id, title, description, tag).
+
+    DATA - reads standard input, CSV or Parquet.
+    """
     from tagcli.train import train as run_train
 
+    if json_summary:
+        obj.json_command = "train"
     config = obj.config
     if seed is not None:
         config.train.seed = seed
@@ -230,11 +322,24 @@ def train(
         config.train.refit_on_all = refit
 
     check_encoding(encoding)
-    result = run_train(data, config, output, encoding)
+    with _input_context(data) as data_file:
+        result = run_train(data_file, config, output, encoding, overwrite)
 
+    if json_summary:
+        record = {
+            "command": "train",
+            "exit_code": 0,
+            "data": str(data),
+            "artifact": str(result.artifact),
+            "rows": result.rows,
+            "mapped_to_fallback": result.mapped,
+            "validation_f1": result.manifest["validation_metrics"]["overall"]["f1"],
+            "seconds": round(result.seconds, 3),
+        }
+        click.echo(json.dumps(record))
     if obj.quiet:
         return
-    console = _console()
+    console = _console(stderr=json_summary)
     if result.mapped:
         mapped = ", ".join(f"{tag}: {n}" for tag, n in result.mapped.items())
         console.print(
@@ -272,9 +377,16 @@ TAG_HELP = """Tag every row of INPUT with one approved tag.
 
 \b
 INPUT is a CSV or Parquet file, or a folder of them, with the columns id,
-title and description. The output contains every input column plus tag,
-confidence and one prob_<tag> column per approved tag. -o names a .csv or
-.parquet file, or a folder (ending with /) of part files.
+title and description; - reads standard input (then -o is required). The
+output contains every input column plus tag, confidence and one prob_<tag>
+column per approved tag. -o names a .csv or .parquet file, or a folder
+(ending with /) of part files.
+
+\b
+Rows with no title and no description, or with more tokens than the model
+reads, follow [rows] in tagcli.toml: tagged, or written with a reason column
+to OUTPUT.rejects.csv or .parquet beside the output (only when there are
+such rows). Rows read = tagged + duplicates + rejected.
 
 \b
 Where the embedding runs (--executor):
@@ -292,7 +404,7 @@ A progress bar shows on a terminal; otherwise a log line every 10 s.
 
 @main.command(
     help=TAG_HELP,
-    epilog=EXIT_CODES_HELP,
+    epilog=exit_codes_help(0, 1, 2, 3, 4, 130, 143),
     short_help="Tag every row of a CSV or Parquet dump.",
 )
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
@@ -304,7 +416,19 @@ A progress bar shows on a terminal; otherwise a log line every 10 s.
     help="Output file (.csv or .parquet) or folder (ending with /). "
     "Default: INPUT's name with .tagged before the extension.",
 )
-@click.option("--overwrite", is_flag=True, help="Replace the output if it exists.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace the output, and its rejects file, if they exist.",
+)
+@click.option(
+    "--input-format",
+    type=click.Choice(INPUT_FORMATS),
+    default="auto",
+    show_default=True,
+    help="Format of standard input (INPUT -): auto detects Parquet by its "
+    "first bytes and reads anything else as CSV.",
+)
 @click.option(
     "--output-format",
     type=click.Choice(["parquet", "csv"]),
@@ -346,6 +470,7 @@ A progress bar shows on a terminal; otherwise a log line every 10 s.
     help="Rows per batch handed to an embedding actor. Default: [ray] batch_size (1024).",
 )
 @encoding_option
+@json_option
 @output_options
 @click.pass_obj
 def tag(
@@ -353,6 +478,7 @@ def tag(
     input_path: Path,
     output: str | None,
     overwrite: bool,
+    input_format: str,
     output_format: str | None,
     model_dir: Path | None,
     executor: str,
@@ -361,10 +487,13 @@ def tag(
     cpus_per_worker: float | None,
     batch_size: int | None,
     encoding: str,
+    json_summary: bool,
 ) -> None:
     from tagcli.pipeline import TagOptions
     from tagcli.pipeline import tag as run_tag
 
+    if json_summary:
+        obj.json_command = "tag"
     config = obj.config
     if workers is not None:
         config.ray.num_workers = workers
@@ -374,6 +503,12 @@ def tag(
         config.ray.batch_size = batch_size
     config.validate()
 
+    if is_stdin(input_path) and not output:
+        raise TagcliError(
+            "INPUT is - (standard input), which has no name to derive the "
+            "output from; pass -o with a .csv or .parquet file.",
+            exit_code=EXIT_USAGE,
+        )
     output = output or _default_output(input_path)
     if output_format and not is_folder_output(output):
         raise TagcliError(
@@ -391,23 +526,68 @@ def tag(
         encoding=encoding,
     )
     check_encoding(encoding)
-    summary = run_tag(input_path, output, config, options)
-    if obj.quiet:
-        return
-    _print_tag_summary(_console(), summary)
+    with _input_context(input_path, input_format) as input_file:
+        summary = run_tag(input_file, output, config, options)
+    if is_stdin(input_path):
+        summary.input = input_path
+    exit_code = EXIT_PARTIAL if summary.rows_rejected else 0
+
+    if json_summary:
+        click.echo(json.dumps(tag_summary_record(summary, exit_code)))
+    if not obj.quiet:
+        _print_tag_summary(_console(stderr=json_summary), summary)
+    if summary.rows_rejected:
+        logging.getLogger("tagcli").warning(
+            "%d row(s) rejected by the [rows] policy; they are in %s with their "
+            "reason.",
+            summary.rows_rejected,
+            summary.rejects,
+        )
+    ctx = click.get_current_context()
+    ctx.exit(exit_code)
+
+
+def tag_summary_record(summary, exit_code: int) -> dict:
+    """Return the --json summary line of a finished `tag` run."""
+    return {
+        "command": "tag",
+        "exit_code": exit_code,
+        "input": str(summary.input),
+        "output": str(summary.output),
+        "rejects": str(summary.rejects) if summary.rejects else None,
+        "model": str(summary.model),
+        "rows_read": summary.rows_read,
+        "rows_tagged": summary.rows_written,
+        "rows_duplicate": summary.rows_duplicate,
+        "rows_rejected": summary.rows_rejected,
+        "rows_truncated": summary.rows_truncated,
+        "tag_counts": summary.tag_counts,
+        "executor": summary.executor,
+        "seconds": round(summary.seconds, 3),
+    }
 
 
 def _print_tag_summary(console, summary) -> None:
     from rich.table import Table
 
-    table = Table(title=f"Tagged {summary.input} -> {summary.output}")
+    source = STDIN_NAME if is_stdin(summary.input) else summary.input
+    table = Table(title=f"Tagged {source} -> {summary.output}")
     table.add_column("", justify="left")
     table.add_column("rows", justify="right")
     table.add_row("read", str(summary.rows_read))
-    table.add_row("written", str(summary.rows_written))
+    table.add_row("tagged", str(summary.rows_written))
     for name, count in summary.tag_counts.items():
         table.add_row(f"  tag {name}", str(count))
+    table.add_row("duplicates", str(summary.rows_duplicate))
+    table.add_row("rejected", str(summary.rows_rejected))
+    table.add_row("truncated (tagged)", str(summary.rows_truncated))
     console.print(table)
+    if summary.rows_read == 0:
+        console.print(
+            "The input has no data rows; wrote an empty output with the columns."
+        )
+    if summary.rejects:
+        console.print(f"Rejected rows, with a reason column: {summary.rejects}.")
     if summary.renamed_columns:
         renamed = ", ".join(
             f"{old} -> {new}" for old, new in summary.renamed_columns.items()
@@ -423,7 +603,7 @@ def _print_tag_summary(console, summary) -> None:
 
 @main.command(
     name="eval",
-    epilog=EXIT_CODES_HELP,
+    epilog=exit_codes_help(0, 1, 2, 3, 130, 143),
     short_help="Evaluate a model: precision, recall, F1 per tag and slice.",
 )
 @click.argument("data", required=False, type=click.Path(path_type=Path))
@@ -455,7 +635,7 @@ def evaluate(
 
     Reports weighted precision, recall and F1, the same per tag and per slice,
     and the confusion matrix. Warns when DATA overlaps the rows the head was
-    fitted on.
+    fitted on. DATA - reads standard input, CSV or Parquet.
     """
     from tagcli.evaluate import evaluate_model, render_metrics
 
@@ -469,7 +649,10 @@ def evaluate(
             exit_code=EXIT_USAGE,
         )
 
-    report = evaluate_model(config, data, model_dir, encoding)
+    with _input_context(data) if data is not None else nullcontext() as data_file:
+        report = evaluate_model(config, data_file, model_dir, encoding)
+    if data is not None and is_stdin(data):
+        report["data"] = "-"
 
     console = _console(stderr=to_stdout)
     if report["mapped_to_fallback"] and not obj.quiet:
