@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 LABELED_COLUMNS = ("id", "title", "description", "tag")
 # At least this many rows per tag, so a stratified split leaves one on each side.
 MIN_ROWS_PER_TAG = 2
+# Column of the labeled frame with the original tag of each row mapped to the
+# fallback tag, null for rows whose tag is approved.
+MAPPED_FROM = "mapped_from"
 
 
 @dataclass
@@ -77,16 +80,29 @@ def load_labeled(path: Path, config: Config, encoding: str = "utf-8") -> Labeled
     )
 
     approved = config.tags.approved
-    unapproved = frame.filter(~pl.col("tag").is_in(approved))["tag"].to_list()
-    mapped = dict(sorted(Counter(unapproved).items()))
-    if mapped:
-        frame = frame.with_columns(
-            pl.when(pl.col("tag").is_in(approved))
-            .then(pl.col("tag"))
-            .otherwise(pl.lit(config.tags.fallback))
-            .alias("tag")
-        )
-    return LabeledData(frame=frame, mapped=mapped)
+    frame = frame.with_columns(
+        pl.when(pl.col("tag").is_in(approved))
+        .then(pl.lit(None, dtype=pl.Utf8))
+        .otherwise(pl.col("tag"))
+        .alias(MAPPED_FROM)
+    )
+    frame = frame.with_columns(
+        pl.when(pl.col("tag").is_in(approved))
+        .then(pl.col("tag"))
+        .otherwise(pl.lit(config.tags.fallback))
+        .alias("tag")
+    )
+    return LabeledData(frame=frame, mapped=count_mapped(frame))
+
+
+def count_mapped(frame) -> dict[str, int]:
+    """Count the rows of `frame` per unapproved original tag, sorted by tag.
+
+    Call it again after any step that drops rows, so the counts match the
+    rows that remain.
+    """
+    original = [tag for tag in frame[MAPPED_FROM].to_list() if tag is not None]
+    return dict(sorted(Counter(original).items()))
 
 
 def _reject_rows(path: Path, frame, condition, problem: str, fix: str) -> None:
@@ -165,6 +181,9 @@ def train(
         check_output_folder(Path(output), overwrite)
     labeled = load_labeled(data_path, config, encoding)
     frame = labeled.frame
+    # Counted on the rows trained on: a step that drops rows goes above this.
+    mapped = count_mapped(frame)
+    frame = frame.drop(MAPPED_FROM)
     labels = frame["tag"].to_list()
     check_trainable(data_path, labels, config)
     missing_tags = [tag for tag in config.tags.approved if tag not in labels]
@@ -263,7 +282,7 @@ def train(
             "validation_rows": len(validation_index),
             "seed": seed,
             "tag_counts": dict(sorted(Counter(labels).items())),
-            "mapped_to_fallback": labeled.mapped,
+            "mapped_to_fallback": mapped,
         },
         "validation_metrics": metrics,
         "package_versions": package_versions(),
@@ -275,7 +294,7 @@ def train(
     return TrainResult(
         artifact=target,
         manifest=manifest,
-        mapped=labeled.mapped,
+        mapped=mapped,
         rows=frame.height,
         seconds=time.monotonic() - started,
     )
