@@ -81,11 +81,13 @@ def full_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray instance for the whole session; `tagcli tag` joins it."""
-    import ray
-
     from tagcli.cluster import connect
 
+    # connect() keeps a local instance on 127.0.0.1 only when it imports Ray
+    # first, so Ray is imported after it.
     started = connect(None)
+    import ray
+
     yield
     if started:
         ray.shutdown()
