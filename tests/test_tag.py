@@ -277,9 +277,26 @@ def test_progress_bar_on_terminal(tmp_path, small_model):
     import pty
     import subprocess
 
+    import threading
+
     output = tmp_path / "tagged.parquet"
     leader, follower = pty.openpty()
     env = {key: value for key, value in os.environ.items() if key != "NO_COLOR"}
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        # Read while the command runs: a full terminal buffer would block its writes.
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
     completed = subprocess.run(
         local_tag_command(output, small_model),
         stdout=subprocess.PIPE,
@@ -289,16 +306,9 @@ def test_progress_bar_on_terminal(tmp_path, small_model):
         env=env,
     )
     os.close(follower)
-    terminal = b""
-    while True:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        terminal += chunk
+    reader.join(timeout=60)
     os.close(leader)
+    terminal = b"".join(chunks)
 
     assert completed.returncode == 0
     assert b"tagging" in terminal
