@@ -156,8 +156,8 @@ def json_option(command):
         "json_summary",
         is_flag=True,
         help="Print one JSON summary line on standard output (counts, paths, "
-        "exit code, seconds), also when the command fails; the report goes to "
-        "standard error.",
+        "exit code, seconds), also when the run fails after option parsing; "
+        "the report goes to standard error.",
     )(command)
 
 
@@ -503,6 +503,12 @@ def tag(
         config.ray.batch_size = batch_size
     config.validate()
 
+    if input_format != "auto" and not is_stdin(input_path):
+        raise TagcliError(
+            f"--input-format applies to standard input (INPUT -) only; the "
+            f"extension of {input_path} sets its format.",
+            exit_code=EXIT_USAGE,
+        )
     if is_stdin(input_path) and not output:
         raise TagcliError(
             "INPUT is - (standard input), which has no name to derive the "

@@ -4,6 +4,9 @@ The readers need a file they can open more than once (count rows, then read
 batches, maybe on Ray), so standard input is copied to a temporary folder
 first, in chunks, without holding it in memory. The folder is under $TMPDIR,
 which must have room for the whole input.
+
+NOTE: the file exists on this machine only, so Ray read tasks on other nodes
+of a cluster cannot open it.
 """
 
 from __future__ import annotations

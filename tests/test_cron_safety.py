@@ -510,3 +510,20 @@ def test_mapped_counts_follow_dropped_rows(tmp_path):
     assert labeled.mapped == {"generative": 2, "graph-learning": 1}
     assert count_mapped(kept) == {"generative": 1, "graph-learning": 1}
     assert kept["tag"].to_list() == ["other", "other", "computer-vision"]
+
+
+def test_input_format_needs_stdin(tmp_path, small_model):
+    result = run_cli(
+        "tag",
+        SAMPLE_BATCH,
+        "-o",
+        tmp_path / "o.csv",
+        "--model",
+        small_model,
+        "--input-format",
+        "csv",
+    )
+
+    assert result.exit_code == 2
+    assert "--input-format applies to standard input" in result.output
+    assert not (tmp_path / "o.csv").exists()
