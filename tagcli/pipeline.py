@@ -125,18 +125,36 @@ def classify_batch(
     else:
         # scikit-learn rejects an empty feature matrix.
         probabilities = np.zeros((0, len(tags)))
-    best = probabilities.argmax(axis=1)
 
-    # Rejected rows keep null tag columns, so scatter the results back by row.
-    full = np.full((len(texts), len(tags)), np.nan)
+    columns = _tag_columns(probabilities, tagged_rows, len(texts), tags)
+    if screening is not None:
+        columns[REJECT_MARKER] = pa.array(screening.reasons, pa.string())
+        columns[TRUNCATED_MARKER] = pa.array(screening.truncated_rows, pa.bool_())
+    for name, values in columns.items():
+        batch = batch.append_column(name, values)
+    return batch
+
+
+def _tag_columns(probabilities, tagged_rows: list[int], rows: int, tags: list[str]):
+    """Return the tag, confidence and probability columns for `rows` rows.
+
+    `probabilities` has one row per entry of `tagged_rows`, the batch rows
+    that were tagged. The other rows, which were rejected, get nulls.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    best = probabilities.argmax(axis=1)
+    full = np.full((rows, len(tags)), np.nan)
     full[tagged_rows] = probabilities
-    mask = np.ones(len(texts), dtype=bool)
+    mask = np.ones(rows, dtype=bool)
     mask[tagged_rows] = False
-    tag_names = [None] * len(texts)
-    confidence = np.full(len(texts), np.nan)
+    tag_names = [None] * rows
+    confidence = np.full(rows, np.nan)
     for position, row in enumerate(tagged_rows):
         tag_names[row] = tags[best[position]]
         confidence[row] = probabilities[position, best[position]]
+
     columns = {
         "tag": pa.array(tag_names, pa.string()),
         "confidence": pa.array(confidence, pa.float64(), mask=mask),
@@ -145,12 +163,7 @@ def classify_batch(
         columns[PROBABILITY_PREFIX + tag] = pa.array(
             full[:, index], pa.float64(), mask=mask
         )
-    if screening is not None:
-        columns[REJECT_MARKER] = pa.array(screening.reasons, pa.string())
-        columns[TRUNCATED_MARKER] = pa.array(screening.truncated_rows, pa.bool_())
-    for name, values in columns.items():
-        batch = batch.append_column(name, values)
-    return batch
+    return columns
 
 
 def _text_column(batch, name: str) -> list[str]:
