@@ -335,6 +335,9 @@ def _local_batches(
     """Yield tagged batches embedded in this process, in input order."""
     from tagcli.embed import load_encoder
 
+    if source.rows == 0:
+        # An input with a header and no rows needs no model.
+        return
     spec = ModelSpec(artifact.manifest["embedding"]["model"], config.embedding.offline)
     encoder = load_encoder(spec)
     for batch in iter_local_batches(source, config.ray.batch_size):
