@@ -527,3 +527,18 @@ def test_input_format_needs_stdin(tmp_path, small_model):
     assert result.exit_code == 2
     assert "--input-format applies to standard input" in result.output
     assert not (tmp_path / "o.csv").exists()
+
+
+def test_null_words_are_titles(tmp_path, small_model):
+    source = tmp_path / "words.csv"
+    source.write_text("id,title,description\n007,None,\n000042,NaN,\n3,null,\n")
+    output = tmp_path / "tagged.parquet"
+
+    result = tag_json(source, "-o", output, "--model", small_model)
+    tagged = read_output(output)
+
+    assert result.exit_code == 0, result.output
+    assert json_line(result)["rows_rejected"] == 0
+    assert tagged["id"].to_list() == ["007", "000042", "3"]
+    assert tagged["title"].to_list() == ["None", "NaN", "null"]
+    assert tagged["tag"].null_count() == 0
