@@ -280,11 +280,11 @@ def test_existing_rejects_needs_overwrite(tmp_path, small_model):
     stale = tmp_path / "tagged.rejects.csv"
     stale.write_text("id,reason\nold,empty_text\n")
 
-    refused = run_cli("tag", source, "-o", output, "--model", small_model)
+    rejected = run_cli("tag", source, "-o", output, "--model", small_model)
 
-    assert refused.exit_code == 2
-    assert str(stale) in refused.output
-    assert "--overwrite" in refused.output
+    assert rejected.exit_code == 2
+    assert str(stale) in rejected.output
+    assert "--overwrite" in rejected.output
     assert not output.exists()
 
 
@@ -430,7 +430,7 @@ def test_train_overwrite_replaces_artifact(tmp_path, subset_csv):
     config = write_config(tmp_path, train={"c_grid": [3.0], "cv_folds": 2})
     target = tmp_path / "model"
     first = run_cli("train", subset_csv, "--output", target, config=config)
-    refused = run_cli("train", subset_csv, "--output", target, config=config)
+    rejected = run_cli("train", subset_csv, "--output", target, config=config)
     manifest = json.loads((target / "manifest.json").read_text())
 
     replaced = CliRunner().invoke(
@@ -443,8 +443,8 @@ def test_train_overwrite_replaces_artifact(tmp_path, subset_csv):
     new_manifest = json.loads((target / "manifest.json").read_text())
 
     assert first.exit_code == 0, first.output
-    assert refused.exit_code == 2
-    assert "pass --overwrite" in refused.output
+    assert rejected.exit_code == 2
+    assert "pass --overwrite" in rejected.output
     assert manifest["training_data"]["seed"] == 42
     assert replaced.exit_code == 0, replaced.output
     assert summary["command"] == "train"
@@ -505,11 +505,11 @@ def test_mapped_counts_follow_dropped_rows(tmp_path):
     )
 
     labeled = load_labeled(source, Config())
-    kept = labeled.frame.filter(labeled.frame["id"] != "2")
+    remaining = labeled.frame.filter(labeled.frame["id"] != "2")
 
     assert labeled.mapped == {"generative": 2, "graph-learning": 1}
-    assert count_mapped(kept) == {"generative": 1, "graph-learning": 1}
-    assert kept["tag"].to_list() == ["other", "other", "computer-vision"]
+    assert count_mapped(remaining) == {"generative": 1, "graph-learning": 1}
+    assert remaining["tag"].to_list() == ["other", "other", "computer-vision"]
 
 
 def test_input_format_needs_stdin(tmp_path, small_model):
