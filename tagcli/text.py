@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 
 _WHITESPACE = re.compile(r"\s+")
@@ -19,13 +18,12 @@ def compose_text(title: str | None, description: str | None) -> str:
 
 
 def content_key(title: str | None, description: str | None) -> str:
-    """Return a sha256 hex digest of title and description, ignoring case and spacing.
+    """Return a sha256 hex digest of title and description, normalised by
+    `tagcli.dedupe.normalise_text` (case, spacing, punctuation, URLs).
 
     Two rows with the same key hold the same content; the training manifest
     stores these keys to detect evaluation rows the head was fitted on.
     """
-    parts = [
-        _WHITESPACE.sub(" ", (value or "").strip().lower())
-        for value in (title, description)
-    ]
-    return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()
+    from tagcli.dedupe import content_key as normalised_key
+
+    return normalised_key(title, description)

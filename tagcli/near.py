@@ -1,0 +1,321 @@
+"""Near duplicates: cosine search over embeddings, and the split of tagged batches.
+
+`VectorIndex` finds, for each query, the most similar vector it contains. Up
+to `exact_limit` vectors it searches exactly with numpy. Above, it uses a
+faiss IVF index: inverted lists over k-means cells, vectors stored as
+float16. Its search cost grows with the square root of the vectors it
+contains, not linearly. `DuplicateSplitter` turns each tagged batch into kept
+rows and duplicate rows, using the exact duplicates from the screening pass
+and the near-duplicate search.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from tagcli.dedupe import EMPTY_KEY, EXACT, NEAR
+
+log = logging.getLogger(__name__)
+
+# Cells searched per query. The near copies planted by bench/near_dup_search.py
+# were all found at 16 against 1,000,000 synthetic vectors.
+IVF_PROBES = 16
+# faiss warns when k-means gets fewer than 39 training vectors per cell.
+TRAINING_VECTORS_PER_CELL = 64
+# Query rows per numpy matrix product: 1,024 x 20,000 float32 is 80 MB.
+QUERY_CHUNK = 1024
+
+ROW_COLUMN = "__row"
+EMBEDDING_COLUMN = "__embedding"
+DUPLICATE_COLUMNS = ("duplicate_of", "reason", "similarity")
+
+
+class VectorIndex:
+    """Inner-product search over L2-normalised float vectors, so scores are cosines.
+
+    Positions count from 0 in the order vectors were added. Past `exact_limit`
+    vectors the numpy matrix is replaced by a faiss IVF index trained on the
+    vectors held at that moment.
+    """
+
+    def __init__(self, dimension: int, exact_limit: int = 20000) -> None:
+        self.dimension = dimension
+        self.exact_limit = exact_limit
+        self.size = 0
+        self.trained_rows = 0
+        self.faiss_index = None
+        self._chunks: list = []
+        self._matrix = None
+
+    def add(self, vectors) -> None:
+        import numpy as np
+
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if len(vectors) == 0:
+            return
+        if self.faiss_index is not None:
+            self.faiss_index.add(vectors)
+        else:
+            self._chunks.append(vectors)
+            self._matrix = None
+        self.size += len(vectors)
+        if self.faiss_index is None and self.size > self.exact_limit:
+            self._build_ivf(self._exact_matrix())
+
+    def search(self, queries):
+        """Return (similarity, position) of each query's most similar vector.
+
+        Both are arrays of len(queries); an empty index gives similarity -inf
+        and position -1.
+        """
+        import numpy as np
+
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        similarity = np.full(len(queries), -np.inf, dtype=np.float32)
+        position = np.full(len(queries), -1, dtype=np.int64)
+        if self.size == 0 or len(queries) == 0:
+            return similarity, position
+        if self.faiss_index is not None:
+            scores, found = self.faiss_index.search(queries, 1)
+            hit = found[:, 0] >= 0
+            similarity[hit] = scores[hit, 0]
+            position[hit] = found[hit, 0]
+            return similarity, position
+        matrix = self._exact_matrix()
+        for start in range(0, len(queries), QUERY_CHUNK):
+            scores = queries[start : start + QUERY_CHUNK] @ matrix.T
+            best = scores.argmax(axis=1)
+            similarity[start : start + len(best)] = scores[np.arange(len(best)), best]
+            position[start : start + len(best)] = best
+        return similarity, position
+
+    def _exact_matrix(self):
+        import numpy as np
+
+        if self._matrix is None:
+            self._matrix = (
+                np.concatenate(self._chunks)
+                if self._chunks
+                else np.zeros((0, self.dimension), np.float32)
+            )
+            self._chunks = [self._matrix]
+        return self._matrix
+
+    def _build_ivf(self, vectors) -> None:
+        """Replace the numpy matrix by a faiss IVF index holding `vectors`."""
+        index = train_ivf(vectors, self.dimension)
+        index.add(vectors)
+        self.faiss_index = index
+        self.trained_rows = len(vectors)
+        self._chunks = []
+        self._matrix = None
+        log.info(
+            "Near-duplicate search switched to an IVF index at %d vectors", self.size
+        )
+
+
+def train_ivf(sample, dimension: int):
+    """Return an empty faiss IVF index (float16 vectors) trained on `sample`.
+
+    The number of cells is about the square root of the sample size, so a
+    query compares against about 2 x sqrt(N) x IVF_PROBES vectors, not N.
+    """
+    import faiss
+    import numpy as np
+
+    cells = max(1, int(math.sqrt(len(sample))))
+    cells = max(1, min(cells, len(sample) // TRAINING_VECTORS_PER_CELL))
+    index = faiss.index_factory(
+        dimension, f"IVF{cells},SQfp16", faiss.METRIC_INNER_PRODUCT
+    )
+    limit = cells * TRAINING_VECTORS_PER_CELL
+    if len(sample) > limit:
+        chosen = np.random.default_rng(0).choice(len(sample), limit, replace=False)
+        sample = sample[np.sort(chosen)]
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    index.nprobe = min(IVF_PROBES, cells)
+    return index
+
+
+class DuplicateSplitter:
+    """Split tagged batches into kept rows and duplicate rows, in stream order.
+
+    `exact` is the `ExactDuplicates` of the input. `tag_columns` are the
+    columns the tagger added, left out of the duplicates file. `index`
+    contains the history's vectors and receives the vectors of every row kept
+    in this run, so later batches are compared with earlier ones.
+    `history_id(position)` returns the id of a history row.
+
+    NOTE: within a batch, rows are compared in the order of created_on, then
+    row number. Across batches only input order counts, so a near duplicate
+    in a later batch is dropped even when its created_on is earlier.
+    """
+
+    def __init__(
+        self,
+        exact,
+        index: VectorIndex,
+        history_id,
+        threshold: float,
+        tag_columns: list[str],
+    ):
+        self.exact = exact
+        self.tag_columns = tag_columns
+        self.index = index
+        self.history_id = history_id
+        self.history_rows = index.size
+        self.threshold = threshold
+        # Ids of the rows kept in this run, by their position in `index`
+        # minus `history_rows`.
+        self.kept_ids: list[str] = []
+        self.exact_count = 0
+        self.near_count = 0
+
+    def split(self, batch):
+        """Return (kept, duplicates, history_part) for one batch.
+
+        `kept` has the batch's columns without the internal ones.
+        `duplicates` has the input columns plus DUPLICATE_COLUMNS.
+        `history_part` is (keys, ids, float32 vectors) of the kept rows that
+        have content, for the history.
+        """
+        import numpy as np
+
+        rows = batch.column(ROW_COLUMN).to_numpy()
+        keys = self.exact.keys[rows]
+        ids = [_text(value) for value in batch.column("id").to_pylist()]
+        duplicate_of = [None] * len(rows)
+        reason = [None] * len(rows)
+        similarity = np.full(len(rows), np.nan)
+
+        of_row = self.exact.duplicate_of_row[rows]
+        of_history = self.exact.duplicate_of_history[rows]
+        for i in np.flatnonzero((of_row >= 0) | (of_history >= 0)):
+            if of_history[i] >= 0:
+                duplicate_of[i] = self.history_id(int(of_history[i]))
+            else:
+                duplicate_of[i] = self.exact.kept_ids[int(of_row[i])]
+            reason[i] = EXACT
+            similarity[i] = 1.0
+            self.exact_count += 1
+
+        candidates = np.flatnonzero(
+            (of_row < 0) & (of_history < 0) & (keys != EMPTY_KEY)
+        )
+        order = np.lexsort((rows[candidates], self.exact.created[rows[candidates]]))
+        candidates = candidates[order]
+        vectors = embedding_matrix(batch, candidates, self.index.dimension)
+        matches, scores = match_near(vectors, self.index, self.threshold)
+        kept_here = np.flatnonzero(matches < 0)
+        self.kept_ids.extend(ids[i] for i in candidates[kept_here])
+        for k in np.flatnonzero(matches >= 0):
+            i = candidates[k]
+            duplicate_of[i] = self._id_at(int(matches[k]))
+            reason[i] = NEAR
+            similarity[i] = float(scores[k])
+            self.near_count += 1
+        kept_vectors = vectors[kept_here]
+        kept_rows = candidates[kept_here]
+
+        is_duplicate = np.array([value is not None for value in reason], dtype=bool)
+        kept = _drop_internal(batch.filter(~is_duplicate))
+        duplicates = _duplicate_table(
+            batch, is_duplicate, duplicate_of, reason, similarity, self.tag_columns
+        )
+        history_part = (keys[kept_rows], [ids[i] for i in kept_rows], kept_vectors)
+        return kept, duplicates, history_part
+
+    def _id_at(self, position: int) -> str:
+        if position < self.history_rows:
+            return self.history_id(position)
+        return self.kept_ids[position - self.history_rows]
+
+
+def match_near(vectors, index: VectorIndex, threshold: float):
+    """Compare `vectors`, in order, with `index` and with the earlier kept ones among them.
+
+    Returns (matches, scores): for each vector, the index position of its most
+    similar earlier vector when the cosine similarity is at least `threshold`,
+    else -1 (kept), and that similarity. Kept vectors are added to `index` in
+    order, so a match inside `vectors` gets the position it has there.
+    """
+    import numpy as np
+
+    best, position = index.search(vectors)
+    first_new = index.size
+    matches = np.where(best >= threshold, position, -1).astype(np.int64)
+    scores = np.where(best >= threshold, best, np.nan).astype(np.float64)
+
+    # Pairs inside `vectors` at or above the threshold, earlier row first.
+    # Only rows in such a pair need the greedy pass, in order, because a row
+    # can match only an earlier row that was itself kept.
+    within = vectors @ vectors.T
+    close = np.tril(within >= threshold, k=-1)
+    in_batch_match = np.full(len(vectors), -1, dtype=np.int64)
+    kept = matches < 0
+    for k in np.flatnonzero(close.any(axis=1)):
+        earlier = np.flatnonzero(close[k, :k] & kept[:k])
+        if len(earlier) == 0:
+            continue
+        j = int(earlier[within[k, earlier].argmax()])
+        if np.isnan(scores[k]) or within[k, j] > scores[k]:
+            in_batch_match[k] = j
+            scores[k] = float(within[k, j])
+            kept[k] = False
+
+    # A kept row's position in `index` is first_new plus its rank among the kept.
+    rank = np.cumsum(kept) - 1
+    inside = np.flatnonzero(in_batch_match >= 0)
+    matches[inside] = first_new + rank[in_batch_match[inside]]
+    index.add(vectors[kept])
+    return matches, scores
+
+
+def embedding_matrix(batch, rows, dimension: int):
+    """Return the float32 embeddings of `rows` of `batch` as a (len(rows), dimension) array."""
+    import numpy as np
+
+    if len(rows) == 0:
+        return np.zeros((0, dimension), dtype=np.float32)
+    column = batch.column(EMBEDDING_COLUMN).take(np.asarray(rows, dtype=np.int64))
+    flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(flat.reshape(len(rows), dimension), dtype=np.float32)
+
+
+def _text(value) -> str:
+    return "" if value is None else str(value)
+
+
+def _drop_internal(table):
+    internal = [name for name in table.column_names if name.startswith("__")]
+    return table.drop_columns(internal) if internal else table
+
+
+def duplicate_schema(input_schema):
+    """Return the duplicates file's schema: the input columns plus DUPLICATE_COLUMNS."""
+    import pyarrow as pa
+
+    fields = [field for field in input_schema if not field.name.startswith("__")]
+    fields += [
+        pa.field("duplicate_of", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("similarity", pa.float64()),
+    ]
+    return pa.schema(fields)
+
+
+def _duplicate_table(batch, mask, duplicate_of, reason, similarity, tag_columns):
+    import numpy as np
+    import pyarrow as pa
+
+    chosen = np.flatnonzero(mask)
+    table = _drop_internal(batch.take(chosen))
+    table = table.drop_columns([n for n in tag_columns if n in table.column_names])
+    table = table.append_column(
+        "duplicate_of", pa.array([duplicate_of[i] for i in chosen], pa.string())
+    )
+    table = table.append_column(
+        "reason", pa.array([reason[i] for i in chosen], pa.string())
+    )
+    return table.append_column("similarity", pa.array(similarity[chosen], pa.float64()))
