@@ -40,6 +40,8 @@ _EXIT_CODE_LINES = {
     4: "  4    partial success: the output was written, and some rows went to\n"
     "       the rejects file ([rows] in tagcli.toml)",
     130: "  130  interrupted with Ctrl-C; no output was written",
+    75: "  75   the history of earlier runs is locked by another run for longer\n"
+    "       than [dedupe] lock_timeout_seconds",
     143: "  143  stopped by SIGTERM; no output was written",
 }
 
@@ -49,7 +51,7 @@ def exit_codes_help(*codes: int) -> str:
     return f"\b\nExit codes:\n{lines}\n"
 
 
-EXIT_CODES_HELP = exit_codes_help(0, 1, 2, 3, 4, 130, 143)
+EXIT_CODES_HELP = exit_codes_help(0, 1, 2, 3, 4, 75, 130, 143)
 
 
 def _console(stderr: bool = False):
@@ -346,6 +348,12 @@ def train(
             f"Mapped {sum(result.mapped.values())} row(s) with unapproved tags to "
             f"{config.tags.fallback!r} ({mapped})."
         )
+    if result.duplicates_exact or result.duplicates_near:
+        console.print(
+            f"Dropped {result.duplicates_exact + result.duplicates_near} duplicate "
+            f"row(s) before the split ({result.duplicates_exact} exact, "
+            f"{result.duplicates_near} near); {result.rows} rows remain."
+        )
     from tagcli.evaluate import render_metrics
 
     head = result.manifest["head"]
@@ -398,13 +406,22 @@ Both paths give the same tags; probabilities can differ around the 7th
 decimal place, because the encoder pads texts in different groups.
 
 \b
+Duplicates: rows with the same title and description as an earlier row
+(after normalising case, spacing, punctuation and URLs), or whose embedding
+has a cosine similarity of at least [dedupe] near_threshold to one, are not
+tagged. They go to NAME.duplicates.EXT beside the output, with the id kept in
+duplicate_of. The earliest row by created_on, then input order, is kept.
+Rows tagged by earlier runs are remembered in [paths] state_dir, so a later
+run drops them too; see `tagcli history`.
+
+\b
 A progress bar shows on a terminal; otherwise a log line every 10 s.
 """
 
 
 @main.command(
     help=TAG_HELP,
-    epilog=exit_codes_help(0, 1, 2, 3, 4, 130, 143),
+    epilog=exit_codes_help(0, 1, 2, 3, 4, 75, 130, 143),
     short_help="Tag every row of a CSV or Parquet dump.",
 )
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
@@ -469,6 +486,17 @@ A progress bar shows on a terminal; otherwise a log line every 10 s.
     type=click.IntRange(min=1),
     help="Rows per batch handed to an embedding actor. Default: [ray] batch_size (1024).",
 )
+@click.option(
+    "--no-history",
+    is_flag=True,
+    help="Neither read nor update the history of earlier runs; duplicates "
+    "within INPUT are still dropped.",
+)
+@click.option(
+    "--keep-duplicates",
+    is_flag=True,
+    help="Tag every row: no duplicate filter, no history, no duplicates file.",
+)
 @encoding_option
 @json_option
 @output_options
@@ -486,6 +514,8 @@ def tag(
     workers: int | None,
     cpus_per_worker: float | None,
     batch_size: int | None,
+    no_history: bool,
+    keep_duplicates: bool,
     encoding: str,
     json_summary: bool,
 ) -> None:
@@ -530,6 +560,8 @@ def tag(
         folder_format=output_format or "parquet",
         show_progress=not obj.quiet,
         encoding=encoding,
+        no_history=no_history,
+        keep_duplicates=keep_duplicates,
     )
     check_encoding(encoding)
     with _input_context(input_path, input_format) as input_file:
@@ -585,6 +617,8 @@ def _print_tag_summary(console, summary) -> None:
     for name, count in summary.tag_counts.items():
         table.add_row(f"  tag {name}", str(count))
     table.add_row("duplicates", str(summary.rows_duplicate))
+    table.add_row("  exact", str(summary.rows_duplicate_exact))
+    table.add_row("  near", str(summary.rows_duplicate_near))
     table.add_row("rejected", str(summary.rows_rejected))
     table.add_row("truncated (tagged)", str(summary.rows_truncated))
     console.print(table)
@@ -594,6 +628,10 @@ def _print_tag_summary(console, summary) -> None:
         )
     if summary.rejects:
         console.print(f"Rejected rows, with a reason column: {summary.rejects}.")
+    if summary.duplicates_output is not None:
+        console.print(f"Duplicates written to {summary.duplicates_output}.")
+    if summary.history_rows is not None:
+        console.print(f"History: {summary.history_rows} rows remembered.")
     if summary.renamed_columns:
         renamed = ", ".join(
             f"{old} -> {new}" for old, new in summary.renamed_columns.items()
@@ -697,3 +735,51 @@ def evaluate(
 
             with atomic_path(json_path) as temporary:
                 temporary.write_text(text)
+
+
+@main.command(
+    name="history",
+    epilog=exit_codes_help(0, 1, 2, 75),
+    short_help="Show or clear the history of content already tagged.",
+)
+@click.option(
+    "--clear",
+    is_flag=True,
+    help="Forget every row tagged before, so the next run may tag it again.",
+)
+@click.option("--yes", is_flag=True, help="Clear without asking for confirmation.")
+@output_options
+@click.pass_obj
+def history(obj: _Obj, clear: bool, yes: bool) -> None:
+    """Show the size of the history in [paths] state_dir, or clear it.
+
+    `tag` remembers the content keys, ids and embeddings of the rows it tags
+    there, and drops later rows that duplicate them.
+    """
+    from tagcli.history import clear_history, read_history
+
+    config = obj.config
+    state_dir = config.paths.state_dir
+    current = read_history(state_dir)
+    if clear:
+        if not yes:
+            click.confirm(
+                f"Forget {current.rows} rows tagged before, in {state_dir}?",
+                abort=True,
+                err=True,
+            )
+        current = clear_history(state_dir, config.dedupe.lock_timeout_seconds)
+        if not obj.quiet:
+            _console().print(f"Cleared the history in {state_dir}.")
+        return
+    if obj.quiet:
+        return
+    console = _console()
+    console.print(f"History: {state_dir}")
+    console.print(f"rows: {current.rows}")
+    console.print(f"bytes: {current.size_bytes()}")
+    console.print(f"segments: {len(current.segments)}")
+    if current.embedding_model:
+        console.print(
+            f"embedding model: {current.embedding_model} ({current.dimension} dimensions)"
+        )

@@ -93,8 +93,22 @@ class RowsConfig:
 
 
 @dataclass
+class DedupeConfig:
+    # Rows whose embeddings have at least this cosine similarity to a row kept
+    # before them are near duplicates. bench/near_threshold.py measures it.
+    near_threshold: float = 0.95
+    # How long `tag` waits for another run to release the history's lock.
+    lock_timeout_seconds: float = 300.0
+    # Up to this many vectors, the near-duplicate search is exact (numpy);
+    # above it, an approximate faiss IVF index keeps it fast.
+    exact_search_max_rows: int = 20000
+
+
+@dataclass
 class PathsConfig:
     models_dir: Path = Path("models")
+    # History of content already tagged, for duplicates across runs.
+    state_dir: Path = Path("state")
 
 
 @dataclass
@@ -106,6 +120,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     rows: RowsConfig = field(default_factory=RowsConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    dedupe: DedupeConfig = field(default_factory=DedupeConfig)
     source: Path | None = None
 
     def validate(self) -> None:
@@ -165,6 +180,19 @@ class Config:
                 f'{where}: [rows] long_text must be "truncate" or "reject", '
                 f"got {self.rows.long_text!r}."
             )
+        if not 0.0 < self.dedupe.near_threshold <= 1.0:
+            raise ConfigError(
+                f"{where}: [dedupe] near_threshold must be above 0 and at most 1, "
+                f"got {self.dedupe.near_threshold}."
+            )
+        if (
+            self.dedupe.lock_timeout_seconds < 0
+            or self.dedupe.exact_search_max_rows < 0
+        ):
+            raise ConfigError(
+                f"{where}: [dedupe] lock_timeout_seconds and exact_search_max_rows "
+                "must not be negative."
+            )
         if self.ray.num_workers < 0:
             raise ConfigError(f"{where}: [ray] num_workers must not be negative.")
         if self.ray.cpus_per_worker < 0 and self.ray.cpus_per_worker != -1:
@@ -181,6 +209,7 @@ _SECTIONS = {
     "output": OutputConfig,
     "rows": RowsConfig,
     "paths": PathsConfig,
+    "dedupe": DedupeConfig,
 }
 
 
@@ -240,6 +269,8 @@ def load_config(explicit: str | os.PathLike | None = None) -> Config:
     base = path.parent
     if not config.paths.models_dir.is_absolute():
         config.paths.models_dir = base / config.paths.models_dir
+    if not config.paths.state_dir.is_absolute():
+        config.paths.state_dir = base / config.paths.state_dir
     config.validate()
     return config
 

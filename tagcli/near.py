@@ -15,6 +15,7 @@ import logging
 import math
 
 from tagcli.dedupe import EMPTY_KEY, EXACT, NEAR
+from tagcli.rows import REJECT_MARKER
 
 log = logging.getLogger(__name__)
 
@@ -200,9 +201,12 @@ class DuplicateSplitter:
             similarity[i] = 1.0
             self.exact_count += 1
 
-        candidates = np.flatnonzero(
-            (of_row < 0) & (of_history < 0) & (keys != EMPTY_KEY)
-        )
+        is_candidate = (of_row < 0) & (of_history < 0) & (keys != EMPTY_KEY)
+        if REJECT_MARKER in batch.column_names:
+            # Rejected rows go to the rejects file: neither compared nor remembered.
+            rejected = batch.column(REJECT_MARKER).is_valid()
+            is_candidate &= ~rejected.to_numpy(zero_copy_only=False)
+        candidates = np.flatnonzero(is_candidate)
         order = np.lexsort((rows[candidates], self.exact.created[rows[candidates]]))
         candidates = candidates[order]
         vectors = embedding_matrix(batch, candidates, self.index.dimension)

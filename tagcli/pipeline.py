@@ -13,12 +13,17 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tagcli.config import Config
+from tagcli.dedupe import DuplicateRun
 from tagcli.embed import ModelSpec
+from tagcli.history import history_lock
 from tagcli.model import Artifact, load_artifact, newest_artifact
+from tagcli.near import ROW_COLUMN, duplicate_schema
+from tagcli.numbered import numbered_dataset
 from tagcli.progress import RowProgress
 from tagcli.reader import (
     InputSource,
@@ -27,8 +32,14 @@ from tagcli.reader import (
     open_source,
     ray_dataset,
 )
-from tagcli.rows import RowPolicy, rejects_path, split_rejects
-from tagcli.writer import RejectsWriter, open_writer
+from tagcli.rows import (
+    REJECT_MARKER,
+    TRUNCATED_MARKER,
+    RowPolicy,
+    rejects_path,
+    split_rejects,
+)
+from tagcli.writer import RejectsWriter, is_folder_output, open_writer
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +73,7 @@ class TagWorker:
         batch_size: int,
         renames: dict,
         policy: RowPolicy | None = None,
+        skip_rows_ref: list | None = None,
     ):
         import ray
 
@@ -75,10 +87,17 @@ class TagWorker:
         self.batch_size = batch_size
         self.renames = renames
         self.policy = policy
+        self.skip_rows = ray.get(skip_rows_ref[0]) if skip_rows_ref else None
 
     def __call__(self, batch):
         return classify_batch(
-            batch, self.encoder, self.head, self.batch_size, self.renames, self.policy
+            batch,
+            self.encoder,
+            self.head,
+            self.batch_size,
+            self.renames,
+            self.policy,
+            self.skip_rows,
         )
 
 
@@ -89,18 +108,22 @@ def classify_batch(
     batch_size: int,
     renames: dict,
     policy: RowPolicy | None = None,
+    skip_rows=None,
 ):
     """Return `batch` (an Arrow table) with tag, confidence and probability columns.
 
     With a `policy`, rows it rejects get null tag columns, and two marker
     columns record each rejected row's reason and each truncated row (see
-    `tagcli.rows`).
+    `tagcli.rows`). A batch with a `__row` column also gets an `__embedding`
+    column for the near-duplicate search. Rows whose number is in `skip_rows`
+    (exact duplicates) are not embedded: their tag columns are null.
     """
     import numpy as np
     import pyarrow as pa
 
     from tagcli.embed import embed_texts
-    from tagcli.rows import REJECT_MARKER, TRUNCATED_MARKER, screen_texts
+    from tagcli.near import EMBEDDING_COLUMN
+    from tagcli.rows import screen_texts
     from tagcli.text import compose_text
 
     if renames:
@@ -111,16 +134,21 @@ def classify_batch(
     descriptions = _text_column(batch, "description")
     texts = [compose_text(t, d) for t, d in zip(titles, descriptions)]
     screening = screen_texts(texts, encoder, policy) if policy else None
+    numbered = ROW_COLUMN in batch.column_names
+    skipped = np.zeros(len(texts), dtype=bool)
+    if numbered and skip_rows is not None and len(skip_rows):
+        skipped = np.isin(batch.column(ROW_COLUMN).to_numpy(), skip_rows)
     tagged_rows = [
         index
         for index in range(len(texts))
-        if screening is None or screening.reasons[index] is None
+        if (screening is None or screening.reasons[index] is None)
+        and not skipped[index]
     ]
     tagged_texts = [texts[index] for index in tagged_rows]
 
     tags = head.tags
+    embeddings = embed_texts(encoder, tagged_texts, batch_size)
     if tagged_texts:
-        embeddings = embed_texts(encoder, tagged_texts, batch_size)
         probabilities = head.predict_proba(embeddings, tagged_texts)
     else:
         # scikit-learn rejects an empty feature matrix.
@@ -130,6 +158,12 @@ def classify_batch(
     if screening is not None:
         columns[REJECT_MARKER] = pa.array(screening.reasons, pa.string())
         columns[TRUNCATED_MARKER] = pa.array(screening.truncated_rows, pa.bool_())
+    if numbered:
+        vectors = np.zeros((len(texts), embeddings.shape[1]), dtype=np.float32)
+        vectors[tagged_rows] = embeddings
+        columns[EMBEDDING_COLUMN] = pa.FixedSizeListArray.from_arrays(
+            pa.array(vectors.reshape(-1)), embeddings.shape[1]
+        )
     for name, values in columns.items():
         batch = batch.append_column(name, values)
     return batch
@@ -182,6 +216,10 @@ class TagOptions:
     folder_format: str = "parquet"
     show_progress: bool = True
     encoding: str = "utf-8"
+    # Neither read nor update the history; duplicates within the batch still drop.
+    no_history: bool = False
+    # Tag every row: no duplicate filter and no history.
+    keep_duplicates: bool = False
 
 
 @dataclass
@@ -199,16 +237,34 @@ class TagSummary:
     executor: str = ""
     rows_read: int = 0
     rows_written: int = 0
-    # Filled by duplicate detection; 0 until that step exists.
+    # rows_duplicate = rows_duplicate_exact + rows_duplicate_near.
     rows_duplicate: int = 0
+    rows_duplicate_exact: int = 0
+    rows_duplicate_near: int = 0
     rows_rejected: int = 0
     rows_truncated: int = 0
     # The rejects file, or None when no row was rejected.
     rejects: Path | None = None
+    # The duplicates file, or None with --keep-duplicates.
+    duplicates_output: Path | None = None
+    # Rows in the history after this run, or None without the history.
+    history_rows: int | None = None
     tag_counts: dict[str, int] = field(default_factory=dict)
     renamed_columns: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     workers: int = 0
+
+
+def duplicates_path(output_path: str | Path, folder_format: str) -> Path:
+    """Return the duplicates file beside the output: NAME.duplicates.EXT.
+
+    A folder output `out/NAME/` gets `out/NAME.duplicates.<folder_format>`.
+    """
+    if is_folder_output(output_path):
+        folder = Path(output_path)
+        return folder.with_name(f"{folder.name}.duplicates.{folder_format}")
+    path = Path(output_path)
+    return path.with_name(f"{path.stem}.duplicates{path.suffix}")
 
 
 def resolve_artifact(config: Config, model_dir: Path | None) -> Artifact:
@@ -277,45 +333,107 @@ def tag(
     rejects = RejectsWriter(
         rejects_path(output_path, options.folder_format), options.overwrite
     )
+    duplicates_writer = None
+    if not options.keep_duplicates:
+        summary.duplicates_output = duplicates_path(output_path, options.folder_format)
+        try:
+            duplicates_writer = open_writer(
+                summary.duplicates_output, options.overwrite, "", 1
+            )
+        except BaseException:
+            writer.abort()
+            raise
+    use_history = not (options.no_history or options.keep_duplicates)
     policy = RowPolicy.from_config(config)
     counts: Counter[str] = Counter()
     batches = None
-    try:
-        with RowProgress(source.rows, enabled=options.show_progress) as progress:
-            if executor == "ray":
-                batches = _ray_batches(
-                    source, artifact, renames, config, address, summary, policy
+    duplicates = None
+    with ExitStack() as stack:
+        try:
+            if use_history:
+                lock = history_lock(
+                    config.paths.state_dir, config.dedupe.lock_timeout_seconds
                 )
-            else:
-                batches = _local_batches(source, artifact, renames, config, policy)
-                summary.workers = 1
-            for batch in batches:
-                split = split_rejects(batch, renames, added)
-                writer.write(split.tagged)
-                if split.rejected is not None:
-                    rejects.write(split.rejected)
-                summary.rows_truncated += split.truncated
-                counts.update(split.tagged.column("tag").to_pylist())
-                progress.advance(batch.num_rows)
+                stack.enter_context(lock)
+            if not options.keep_duplicates:
+                duplicates = DuplicateRun(
+                    source,
+                    artifact.manifest["embedding"]["model_id"],
+                    artifact.manifest["embedding"]["dimension"],
+                    config,
+                    use_history,
+                    added + [REJECT_MARKER, TRUNCATED_MARKER],
+                )
+            with RowProgress(source.rows, enabled=options.show_progress) as progress:
+                if executor == "ray":
+                    batches = _ray_batches(
+                        source,
+                        artifact,
+                        renames,
+                        config,
+                        address,
+                        summary,
+                        policy,
+                        duplicates,
+                    )
+                else:
+                    batches = _local_batches(
+                        source, artifact, renames, config, policy, duplicates
+                    )
+                    summary.workers = 1
+                for batch in batches:
+                    progress.advance(batch.num_rows)
+                    if duplicates is not None:
+                        batch, dropped = duplicates.split(batch)
+                        duplicates_writer.write(dropped)
+                    split = split_rejects(batch, renames, added)
+                    writer.write(split.tagged)
+                    if split.rejected is not None:
+                        rejects.write(split.rejected)
+                    summary.rows_truncated += split.truncated
+                    counts.update(split.tagged.column("tag").to_pylist())
 
-        accounted = writer.rows_written + summary.rows_duplicate + rejects.rows_written
-        if accounted != source.rows:
-            raise RuntimeError(
-                f"{source.path}: read {source.rows} rows but tagged "
-                f"{writer.rows_written}, found {summary.rows_duplicate} duplicates "
-                f"and rejected {rejects.rows_written}; no output was written."
+            if duplicates is not None:
+                summary.rows_duplicate_exact = duplicates.exact_count
+                summary.rows_duplicate_near = duplicates.near_count
+            summary.rows_duplicate = (
+                summary.rows_duplicate_exact + summary.rows_duplicate_near
             )
-        # The rejects file goes first, so an output never appears without it.
-        rejects.commit()
-        writer.commit(_output_schema(source, renames, added))
-    except BaseException:
-        writer.abort()
-        rejects.abort()
-        raise
-    finally:
-        if batches is not None:
-            # Stops a Ray instance this run started, even on an error.
-            batches.close()
+            accounted = (
+                writer.rows_written + summary.rows_duplicate + rejects.rows_written
+            )
+            if accounted != source.rows:
+                raise RuntimeError(
+                    f"{source.path}: read {source.rows} rows but tagged "
+                    f"{writer.rows_written}, found {summary.rows_duplicate} "
+                    f"duplicates and rejected {rejects.rows_written}; no output "
+                    "was written."
+                )
+            # The rejects file goes first, so an output never appears without it.
+            rejects.commit()
+            schema = _output_schema(source, renames, added)
+            if duplicates_writer is not None:
+                duplicates_writer.commit(
+                    duplicate_schema([f for f in schema if f.name not in added])
+                )
+            writer.commit(schema)
+            # The history learns the rows only once the output is in place.
+            if duplicates is not None:
+                duplicates.commit()
+                if duplicates.history is not None:
+                    summary.history_rows = duplicates.history.rows
+        except BaseException:
+            writer.abort()
+            rejects.abort()
+            if duplicates_writer is not None:
+                duplicates_writer.abort()
+            if duplicates is not None:
+                duplicates.abort()
+            raise
+        finally:
+            if batches is not None:
+                # Stops a Ray instance this run started, even on an error.
+                batches.close()
 
     summary.rows_written = writer.rows_written
     summary.rows_rejected = rejects.rows_written
@@ -331,8 +449,15 @@ def _local_batches(
     renames: dict,
     config: Config,
     policy: RowPolicy,
+    duplicates: DuplicateRun | None = None,
 ):
-    """Yield tagged batches embedded in this process, in input order."""
+    """Yield tagged batches embedded in this process, in input order.
+
+    With `duplicates`, batches are numbered and its exact duplicates skip embedding.
+    """
+    import numpy as np
+    import pyarrow as pa
+
     from tagcli.embed import load_encoder
 
     if source.rows == 0:
@@ -340,9 +465,21 @@ def _local_batches(
         return
     spec = ModelSpec(artifact.manifest["embedding"]["model"], config.embedding.offline)
     encoder = load_encoder(spec)
+    skip_rows = duplicates.exact.skipped_rows() if duplicates else None
+    first_row = 0
     for batch in iter_local_batches(source, config.ray.batch_size):
+        if duplicates is not None:
+            numbers = np.arange(first_row, first_row + batch.num_rows, dtype=np.int64)
+            batch = batch.append_column(ROW_COLUMN, pa.array(numbers))
+        first_row += batch.num_rows
         yield classify_batch(
-            batch, encoder, artifact.head, config.embedding.batch_size, renames, policy
+            batch,
+            encoder,
+            artifact.head,
+            config.embedding.batch_size,
+            renames,
+            policy,
+            skip_rows,
         )
 
 
@@ -354,6 +491,7 @@ def _ray_batches(
     address: str,
     summary: TagSummary,
     policy: RowPolicy,
+    duplicates: DuplicateRun | None = None,
 ) -> Iterator:
     """Yield tagged batches from a Ray Data pipeline, in input order.
 
@@ -379,7 +517,9 @@ def _ray_batches(
                 node_cpus(), config.ray.num_workers, config.ray.cpus_per_worker
             )
             summary.workers = plan.num_workers
-            dataset = _build_dataset(source, artifact, renames, config, plan, policy)
+            dataset = _build_dataset(
+                source, artifact, renames, config, plan, policy, duplicates
+            )
             yield from dataset.iter_batches(batch_format="pyarrow", batch_size=None)
         finally:
             if started_ray:
@@ -387,9 +527,19 @@ def _ray_batches(
 
 
 def _build_dataset(
-    source, artifact, renames: dict, config: Config, plan, policy: RowPolicy
+    source,
+    artifact,
+    renames: dict,
+    config: Config,
+    plan,
+    policy: RowPolicy,
+    duplicates: DuplicateRun | None = None,
 ):
-    """Return the lazy Ray Data pipeline: read, then embed and classify on actors."""
+    """Return the lazy Ray Data pipeline: read, then embed and classify on actors.
+
+    With `duplicates`, the reader numbers the rows and the actors skip
+    embedding its exact duplicates.
+    """
     import ray
     import ray.data
 
@@ -419,7 +569,12 @@ def _build_dataset(
     spread_args = {}
     if plan.spread:
         spread_args["ray_remote_args_fn"] = lambda: {"scheduling_strategy": "SPREAD"}
-    return ray_dataset(source).map_batches(
+    dataset = ray_dataset(source)
+    skip_rows_ref = None
+    if duplicates is not None:
+        dataset = numbered_dataset(source, duplicates.exact.file_rows, rows_per_block)
+        skip_rows_ref = [ray.put(duplicates.exact.skipped_rows())]
+    return dataset.map_batches(
         TagWorker,
         fn_constructor_kwargs={
             "head_ref": [ray.put(artifact.head)],
@@ -429,6 +584,7 @@ def _build_dataset(
             "batch_size": config.embedding.batch_size,
             "renames": renames,
             "policy": policy,
+            "skip_rows_ref": skip_rows_ref,
         },
         batch_size=config.ray.batch_size,
         batch_format="pyarrow",

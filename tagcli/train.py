@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tagcli.config import Config
+from tagcli.dedupe import drop_training_duplicates
 from tagcli.embed import ModelSpec, embed_texts, load_encoder
 from tagcli.errors import TagcliError
 from tagcli.evaluate import compute_metrics
@@ -157,6 +158,8 @@ class TrainResult:
     mapped: dict[str, int]
     rows: int
     seconds: float
+    duplicates_exact: int = 0
+    duplicates_near: int = 0
 
 
 def train(
@@ -180,7 +183,27 @@ def train(
     if output is not None:
         check_output_folder(Path(output), overwrite)
     labeled = load_labeled(data_path, config, encoding)
-    frame = labeled.frame
+    check_trainable(data_path, labeled.frame["tag"].to_list(), config)
+    spec = ModelSpec(config.embedding.model, config.embedding.offline)
+    encoder = load_encoder(spec)
+
+    read_rows = labeled.frame.height
+    log.info("Embedding %d rows with %s", read_rows, spec.model_id())
+    # Drop duplicates before the split, so no content straddles train and validation.
+    duplicates = drop_training_duplicates(
+        labeled.frame,
+        lambda part: embed_texts(encoder, texts_of(part), config.embedding.batch_size),
+        config.dedupe.near_threshold,
+    )
+    frame = labeled.frame[duplicates.kept.tolist()]
+    if duplicates.exact or duplicates.near:
+        log.info(
+            "%s: dropped %d duplicate row(s) before the split (%d exact, %d near).",
+            data_path,
+            duplicates.exact + duplicates.near,
+            duplicates.exact,
+            duplicates.near,
+        )
     # Counted on the rows trained on: a step that drops rows goes above this.
     mapped = count_mapped(frame)
     frame = frame.drop(MAPPED_FROM)
@@ -207,11 +230,8 @@ def train(
     train_index = np.sort(train_index)
     validation_index = np.sort(validation_index)
 
-    spec = ModelSpec(config.embedding.model, config.embedding.offline)
-    log.info("Embedding %d rows with %s", frame.height, spec.model_id())
-    encoder = load_encoder(spec)
     texts = texts_of(frame)
-    embeddings = embed_texts(encoder, texts, config.embedding.batch_size)
+    embeddings = duplicates.embeddings
     label_array = np.asarray(labels)
     tags = config.tags.approved
     settings = HeadSettings(
@@ -278,6 +298,11 @@ def train(
             "path": str(data_path),
             "sha256": sha256_file(data_path),
             "rows": frame.height,
+            "rows_read": read_rows,
+            "duplicates_dropped": {
+                "exact": duplicates.exact,
+                "near": duplicates.near,
+            },
             "train_rows": len(train_index),
             "validation_rows": len(validation_index),
             "seed": seed,
@@ -297,4 +322,6 @@ def train(
         mapped=mapped,
         rows=frame.height,
         seconds=time.monotonic() - started,
+        duplicates_exact=duplicates.exact,
+        duplicates_near=duplicates.near,
     )
