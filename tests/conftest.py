@@ -42,6 +42,13 @@ def run_cli(*args: str, config: Path | None = None):
     return runner.invoke(main, arguments, catch_exceptions=False)
 
 
+@pytest.fixture(autouse=True)
+def isolated_working_directory(tmp_path, monkeypatch):
+    """Run each test in its own folder, so the default history folder (./state)
+    of one test never makes another test's rows duplicates."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def sample_frame() -> pl.DataFrame:
     return pl.read_csv(SAMPLE_CSV, infer_schema=False)

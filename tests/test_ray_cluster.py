@@ -149,6 +149,8 @@ def test_two_node_cluster_tags_every_row(tmp_path, small_model, two_node_cluster
             str(output),
             "--model",
             str(small_model),
+            # The rows differ only by a number in the title: near duplicates.
+            "--keep-duplicates",
             "--address",
             two_node_cluster,
         ],
@@ -170,15 +172,31 @@ def test_two_node_cluster_tags_every_row(tmp_path, small_model, two_node_cluster
     assert tagged["tag"].null_count() == 0
 
 
-def _tag_worker_pids() -> list[int]:
+def _tag_worker_pids(job_pid: int) -> list[int]:
+    """Return the pids of embedding actors started under `job_pid`.
+
+    Only descendants count: other jobs on a shared machine run actors of the
+    same name.
+    """
     listing = subprocess.run(
-        ["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True
+        ["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True, check=True
     )
-    return [
-        int(line.split(None, 1)[0])
-        for line in listing.stdout.splitlines()[1:]
-        if "MapBatches(TagWorker)" in line
-    ]
+    parents = {}
+    workers = []
+    for line in listing.stdout.splitlines()[1:]:
+        pid, ppid, args = line.split(None, 2)
+        parents[int(pid)] = int(ppid)
+        if "MapBatches(TagWorker)" in args:
+            workers.append(int(pid))
+
+    def under_job(pid: int) -> bool:
+        while pid in parents and pid > 1:
+            if pid == job_pid:
+                return True
+            pid = parents[pid]
+        return False
+
+    return [pid for pid in workers if under_job(pid)]
 
 
 def test_killed_worker_loses_no_row(tmp_path, small_model):
@@ -193,6 +211,8 @@ def test_killed_worker_loses_no_row(tmp_path, small_model):
             str(output),
             "--model",
             str(small_model),
+            # The rows differ only by a number in the title: near duplicates.
+            "--keep-duplicates",
             "--executor",
             "ray",
             "--batch-size",
@@ -207,7 +227,7 @@ def test_killed_worker_loses_no_row(tmp_path, small_model):
         pids: list[int] = []
         while time.monotonic() < deadline and len(pids) < 2:
             time.sleep(0.5)
-            pids = _tag_worker_pids()
+            pids = _tag_worker_pids(job.pid)
         assert len(pids) >= 2, "the embedding actors never started"
         # Let the actors load the model and take their first batches.
         time.sleep(8)

@@ -149,10 +149,26 @@ def test_local_and_ray_paths_agree(tmp_path, small_model):
     on_ray = tmp_path / "ray.parquet"
 
     first = run_cli(
-        "tag", SAMPLE_BATCH, "-o", local, "--model", small_model, "--executor", "local"
+        "tag",
+        SAMPLE_BATCH,
+        "-o",
+        local,
+        "--model",
+        small_model,
+        "--executor",
+        "local",
+        "--no-history",
     )
     second = run_cli(
-        "tag", SAMPLE_BATCH, "-o", on_ray, "--model", small_model, "--executor", "ray"
+        "tag",
+        SAMPLE_BATCH,
+        "-o",
+        on_ray,
+        "--model",
+        small_model,
+        "--executor",
+        "ray",
+        "--no-history",
     )
 
     assert first.exit_code == 0, first.output
