@@ -76,6 +76,8 @@ def process_tree_rss(root: int) -> int:
 def run_tag(dump: Path, output: Path, model: Path | None, executor: str) -> tuple[float, int]:
     """Run `tagcli tag` and return (seconds, peak RSS in bytes of its process tree)."""
     command = [sys.executable, "-m", "tagcli", "-q", "tag", str(dump), "-o", str(output)]
+    # The dump repeats the sample rows with numbered titles: all near duplicates.
+    command.append("--keep-duplicates")
     command += ["--overwrite", "--executor", executor]
     if model:
         command += ["--model", str(model)]
