@@ -597,6 +597,12 @@ def tag_summary_record(summary, exit_code: int) -> dict:
         "rows_read": summary.rows_read,
         "rows_tagged": summary.rows_written,
         "rows_duplicate": summary.rows_duplicate,
+        "rows_duplicate_exact": summary.rows_duplicate_exact,
+        "rows_duplicate_near": summary.rows_duplicate_near,
+        "duplicates": (
+            str(summary.duplicates_output) if summary.duplicates_output else None
+        ),
+        "history_rows": summary.history_rows,
         "rows_rejected": summary.rows_rejected,
         "rows_truncated": summary.rows_truncated,
         "tag_counts": summary.tag_counts,

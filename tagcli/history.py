@@ -45,37 +45,70 @@ def history_lock(state_dir: Path, timeout_seconds: float):
 
     Waits up to `timeout_seconds` for another run to release it, then raises
     TagcliError with exit code EXIT_LOCKED. The lock is an flock, so the
-    kernel releases it when a holder dies, however it dies.
+    kernel releases it when a holder dies, however it dies. A state folder
+    that this call created is removed again when no history was committed in
+    it, so a failed first run leaves no files behind.
     """
     state_dir = Path(state_dir)
+    created = not state_dir.exists()
     state_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(state_dir / LOCK_FILE, "a+")
+    handle = _acquire(state_dir, timeout_seconds)
     try:
-        deadline = time.monotonic() + timeout_seconds
-        waiting_logged = False
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise TagcliError(
-                        f"{state_dir}: the history is locked by another tagcli run; "
-                        f"waited {timeout_seconds:g} s. Retry when it has finished, "
-                        "raise [dedupe] lock_timeout_seconds, or pass --no-history.",
-                        exit_code=EXIT_LOCKED,
-                    ) from None
-                if not waiting_logged:
-                    log.warning(
-                        "%s: the history is locked by another run; waiting up to %g s",
-                        state_dir,
-                        timeout_seconds,
-                    )
-                    waiting_logged = True
-                time.sleep(0.2)
         yield
     finally:
+        if created and not (state_dir / INDEX_FILE).exists():
+            _remove_empty_state(state_dir)
         handle.close()
+
+
+def _acquire(state_dir: Path, timeout_seconds: float):
+    """Return the open lock file once this process holds its flock."""
+    path = state_dir / LOCK_FILE
+    deadline = time.monotonic() + timeout_seconds
+    waiting_logged = False
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+        else:
+            # A run that removed its empty state folder unlinked the file this
+            # lock was taken on; only a lock on the current file counts.
+            if (
+                path.exists()
+                and os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+            ):
+                return handle
+            handle.close()
+            state_dir.mkdir(parents=True, exist_ok=True)
+            continue
+        if time.monotonic() >= deadline:
+            raise TagcliError(
+                f"{state_dir}: the history is locked by another tagcli run; "
+                f"waited {timeout_seconds:g} s. Retry when it has finished, "
+                "raise [dedupe] lock_timeout_seconds, or pass --no-history.",
+                exit_code=EXIT_LOCKED,
+            )
+        if not waiting_logged:
+            log.warning(
+                "%s: the history is locked by another run; waiting up to %g s",
+                state_dir,
+                timeout_seconds,
+            )
+            waiting_logged = True
+        time.sleep(0.2)
+
+
+def _remove_empty_state(state_dir: Path) -> None:
+    """Remove the lock file and empty folders of a state folder with no history."""
+    (state_dir / LOCK_FILE).unlink(missing_ok=True)
+    for folder in (state_dir / SEGMENTS_FOLDER, state_dir):
+        try:
+            folder.rmdir()
+        except OSError:
+            # Not empty or already gone: another run is using it.
+            pass
 
 
 @dataclass

@@ -258,6 +258,8 @@ def test_ray_path_rejects_like_local(tmp_path, small_model, ray_local):
             small_model,
             "--executor",
             executor,
+            # The second run would find the first run's rows in the history.
+            "--no-history",
             config=config,
         )
         assert result.exit_code == 4, result.output
@@ -372,12 +374,27 @@ def test_stdin_matches_file_input(tmp_path, small_model, monkeypatch, fmt):
     spool.mkdir()
     monkeypatch.setattr("tempfile.tempdir", str(spool))
 
+    # --no-history: the second run would find the first run's rows in the history.
     from_file = run_cli(
-        "tag", source, "-o", tmp_path / "file.csv", "--model", small_model
+        "tag",
+        source,
+        "-o",
+        tmp_path / "file.csv",
+        "--model",
+        small_model,
+        "--no-history",
     )
     from_stdin = CliRunner().invoke(
         main,
-        ["tag", "-", "-o", str(tmp_path / "stdin.csv"), "--model", str(small_model)],
+        [
+            "tag",
+            "-",
+            "-o",
+            str(tmp_path / "stdin.csv"),
+            "--model",
+            str(small_model),
+            "--no-history",
+        ],
         input=source.read_bytes(),
         catch_exceptions=False,
     )
