@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from tagcli import __version__
+from tagcli.backends import BACKENDS
 from tagcli.errors import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
@@ -225,6 +226,16 @@ def output_options(command):
     return command
 
 
+def backend_option(command):
+    return click.option(
+        "--backend",
+        type=click.Choice(list(BACKENDS)),
+        help="Embedding backend: onnx-int8 (int8 ONNX export on onnxruntime) or "
+        "torch (sentence-transformers). A model is used only with the backend it "
+        "was trained on. Default: [embedding] backend (onnx-int8).",
+    )(command)
+
+
 def encoding_option(command):
     return click.option(
         "--encoding",
@@ -292,6 +303,7 @@ def main(
     help="After validation, fit the saved head on all rows (--refit) or keep "
     "the head fitted on the training split. Default: [train] refit_on_all (true).",
 )
+@backend_option
 @encoding_option
 @json_option
 @output_options
@@ -304,6 +316,7 @@ def train(
     seed: int | None,
     embedding_model: str | None,
     refit: bool | None,
+    backend: str | None,
     encoding: str,
     json_summary: bool,
 ) -> None:
@@ -322,6 +335,8 @@ def train(
         config.embedding.model = embedding_model
     if refit is not None:
         config.train.refit_on_all = refit
+    if backend:
+        config.embedding.backend = backend
 
     check_encoding(encoding)
     with _input_context(data) as data_file:
@@ -497,6 +512,7 @@ A progress bar shows on a terminal; otherwise a log line every 10 s.
     is_flag=True,
     help="Tag every row: no duplicate filter, no history, no duplicates file.",
 )
+@backend_option
 @encoding_option
 @json_option
 @output_options
@@ -516,6 +532,7 @@ def tag(
     batch_size: int | None,
     no_history: bool,
     keep_duplicates: bool,
+    backend: str | None,
     encoding: str,
     json_summary: bool,
 ) -> None:
@@ -531,6 +548,8 @@ def tag(
         config.ray.cpus_per_worker = cpus_per_worker
     if batch_size is not None:
         config.ray.batch_size = batch_size
+    if backend:
+        config.embedding.backend = backend
     config.validate()
 
     if input_format != "auto" and not is_stdin(input_path):
@@ -648,7 +667,10 @@ def _print_tag_summary(console, summary) -> None:
         if summary.executor == "local"
         else f"on Ray, {summary.workers} worker(s)"
     )
-    console.print(f"Model {summary.model}; embedded {where}; {summary.seconds:.1f} s.")
+    console.print(
+        f"Model {summary.model}; embedded {where} with {summary.backend}; "
+        f"{summary.seconds:.1f} s."
+    )
 
 
 @main.command(
@@ -670,6 +692,7 @@ def _print_tag_summary(console, summary) -> None:
     help="Also write the metrics as JSON to this file ('-' for standard output).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace the --json file if it exists.")
+@backend_option
 @encoding_option
 @output_options
 @click.pass_obj
@@ -679,6 +702,7 @@ def evaluate(
     model_dir: Path | None,
     json_path: Path | None,
     overwrite: bool,
+    backend: str | None,
     encoding: str,
 ) -> None:
     """Evaluate a model on labeled DATA. Default: the model's validation split.
@@ -690,6 +714,8 @@ def evaluate(
     from tagcli.evaluate import evaluate_model, render_metrics
 
     config = obj.config
+    if backend:
+        config.embedding.backend = backend
     check_encoding(encoding)
     to_stdout = json_path is not None and str(json_path) == "-"
     if json_path is not None and not to_stdout and json_path.exists() and not overwrite:

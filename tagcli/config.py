@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tagcli.backends import BACKENDS
 from tagcli.errors import ConfigError
 
 CONFIG_FILE_NAME = "tagcli.toml"
@@ -42,6 +43,10 @@ class EmbeddingConfig:
     # With offline = true, a hub name loads only from the local Hugging Face cache.
     offline: bool = True
     batch_size: int = 32
+    # "onnx-int8": the model exported to ONNX with int8 weights, run on
+    # onnxruntime; "torch": sentence-transformers on torch. `train` records it
+    # in the artifact, and `tag` and `eval` reject a model of the other one.
+    backend: str = "onnx-int8"
 
 
 @dataclass
@@ -163,6 +168,11 @@ class Config:
                 f"got {self.train.class_weight!r}."
             )
 
+        if self.embedding.backend not in BACKENDS:
+            raise ConfigError(
+                f"{where}: [embedding] backend must be one of {', '.join(BACKENDS)}, "
+                f"got {self.embedding.backend!r}."
+            )
         if self.embedding.batch_size < 1 or self.ray.batch_size < 1:
             raise ConfigError(f"{where}: batch_size must be a positive integer.")
         if self.ray.max_local_rows < 0 or self.output.rows_per_file < 1:

@@ -102,20 +102,15 @@ def load_encoder(spec: ModelSpec, threads: int | None = None):
 
 
 def embed_texts(encoder, texts: list[str], batch_size: int = 64):
-    """Return float32 embeddings of shape (len(texts), dimension), L2-normalised."""
-    import numpy as np
+    """Return float32 embeddings of shape (len(texts), dimension), L2-normalised.
 
-    if not texts:
-        return np.zeros(
-            (0, encoder.get_sentence_embedding_dimension()), dtype=np.float32
-        )
-    return encoder.encode(
-        texts,
-        batch_size=batch_size,
-        normalize_embeddings=True,
-        convert_to_numpy=True,
-        show_progress_bar=False,
-    ).astype(np.float32)
+    `encoder` is a SentenceTransformer or a backend from `tagcli.backends`.
+    Texts are grouped into batches by token count; the result is in input order.
+    """
+    from tagcli.backends import TorchBackend
+
+    backend = encoder if hasattr(encoder, "embed") else TorchBackend(encoder)
+    return backend.embed(texts, batch_size)
 
 
 def pack_folder(folder: Path) -> bytes:

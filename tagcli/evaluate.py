@@ -170,13 +170,14 @@ def evaluate_model(
 
     import polars as pl
 
-    from tagcli.embed import ModelSpec, embed_texts, load_encoder
+    from tagcli.backends import check_artifact_backend, load_artifact_backend
     from tagcli.model import VALIDATION_FILE
     from tagcli.pipeline import resolve_artifact
     from tagcli.text import content_key
     from tagcli.train import load_labeled, texts_of
 
     artifact = resolve_artifact(config, model_dir)
+    check_artifact_backend(artifact, config.embedding.backend)
     if data_path is None:
         data_path = artifact.path / VALIDATION_FILE
         frame = pl.read_parquet(data_path)
@@ -185,9 +186,9 @@ def evaluate_model(
         labeled = load_labeled(Path(data_path), config, encoding)
         frame, mapped = labeled.frame, labeled.mapped
 
-    spec = ModelSpec(artifact.manifest["embedding"]["model"], config.embedding.offline)
     texts = texts_of(frame)
-    embeddings = embed_texts(load_encoder(spec), texts, config.embedding.batch_size)
+    backend = load_artifact_backend(artifact, config.embedding.offline)
+    embeddings = backend.embed(texts, config.embedding.batch_size)
     predicted = artifact.head.predict(embeddings, texts)
 
     titles = frame["title"].to_list()

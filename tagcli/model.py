@@ -6,6 +6,8 @@ An artifact is a folder:
     manifest.json        tags, embedding model, metrics, checksums, versions
     validation.parquet   the validation split, the default set for `tagcli eval`
     fitted_rows.txt      content keys of the rows the saved head was fitted on
+    encoder-int8.onnx    with the onnx-int8 backend: the int8 ONNX export
+    tokenizer.json       with the onnx-int8 backend: the model's tokenizer
 """
 
 from __future__ import annotations
@@ -157,6 +159,9 @@ def package_versions() -> dict[str, str]:
         "pyarrow",
         "ray",
         "joblib",
+        "onnxruntime",
+        "onnx",
+        "tokenizers",
     ]
     versions = {}
     for name in names:
@@ -185,13 +190,15 @@ def save_artifact(
     validation_frame,
     fitted_keys: list[str],
     overwrite: bool = False,
+    extra_files: dict[str, Path] | None = None,
 ) -> Path:
     """Write the artifact folder to `target` atomically and return `target`.
 
     Files go to a hidden sibling folder first, which is renamed into place, so
     `newest_artifact` never finds a half-written artifact. With `overwrite`,
-    an artifact already at `target` is replaced only then. Adds the head's
-    sha256 and the creation time to `manifest`.
+    an artifact already at `target` is replaced only then. `extra_files` maps
+    names in the artifact to files to copy there, such as an ONNX export. Adds
+    the sha256 of every file and the creation time to `manifest`.
     """
     import joblib
 
@@ -206,13 +213,16 @@ def save_artifact(
         joblib.dump(head, staging / HEAD_FILE)
         validation_frame.write_parquet(staging / VALIDATION_FILE)
         (staging / FITTED_ROWS_FILE).write_text("\n".join(sorted(fitted_keys)) + "\n")
+        extra_files = extra_files or {}
+        for name, source in extra_files.items():
+            shutil.copyfile(source, staging / name)
         manifest["format"] = MANIFEST_FORMAT
         manifest["created_at"] = datetime.now(timezone.utc).isoformat(
             timespec="seconds"
         )
         manifest["files"] = {
             name: sha256_file(staging / name)
-            for name in (HEAD_FILE, VALIDATION_FILE, FITTED_ROWS_FILE)
+            for name in (HEAD_FILE, VALIDATION_FILE, FITTED_ROWS_FILE, *extra_files)
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         old = None

@@ -17,6 +17,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tagcli.backends import check_artifact_backend
 from tagcli.config import Config
 from tagcli.dedupe import DuplicateRun
 from tagcli.embed import ModelSpec
@@ -56,9 +57,9 @@ def output_columns(tags: list[str]) -> list[str]:
 class TagWorker:
     """Ray Data callable class: embeds and classifies one Arrow batch.
 
-    The model loads once per actor in `__init__`. The head, and a local model
-    folder if the artifact names one, arrive through Ray's object store, so
-    workers on other nodes need no shared file system. Each arrives wrapped in a
+    The model loads once per actor in `__init__`. The head, and the ONNX export
+    or a local model folder if the artifact has one, arrive through Ray's
+    object store, so workers on other nodes need no shared file system. Each arrives wrapped in a
     one-element list: Ray then passes the ObjectRef instead of resolving it into
     the constructor arguments, which a restarted actor could no longer read
     once they were freed.
@@ -74,16 +75,22 @@ class TagWorker:
         renames: dict,
         policy: RowPolicy | None = None,
         skip_rows_ref: list | None = None,
+        onnx_ref: list = (),
     ):
         import ray
 
         from tagcli.embed import load_encoder, unpack_folder
 
         self.head = ray.get(head_ref[0])
-        if model_folder_ref and spec.local_folder() is None:
-            folder = unpack_folder(ray.get(model_folder_ref[0]))
-            spec = ModelSpec(str(folder), spec.offline)
-        self.encoder = load_encoder(spec, threads=threads)
+        if onnx_ref:
+            from tagcli.backends import OnnxInt8Backend
+
+            self.encoder = OnnxInt8Backend(ray.get(onnx_ref[0]), threads)
+        else:
+            if model_folder_ref and spec.local_folder() is None:
+                folder = unpack_folder(ray.get(model_folder_ref[0]))
+                spec = ModelSpec(str(folder), spec.offline)
+            self.encoder = load_encoder(spec, threads=threads)
         self.batch_size = batch_size
         self.renames = renames
         self.policy = policy
@@ -235,6 +242,7 @@ class TagSummary:
     output: Path
     model: Path
     executor: str = ""
+    backend: str = ""
     rows_read: int = 0
     rows_written: int = 0
     # rows_duplicate = rows_duplicate_exact + rows_duplicate_near.
@@ -304,6 +312,7 @@ def tag(
     options = options or TagOptions()
     started = time.monotonic()
     artifact = resolve_artifact(config, options.model_dir)
+    check_artifact_backend(artifact, config.embedding.backend)
     source = open_source(Path(input_path), INPUT_COLUMNS, options.encoding)
 
     added = output_columns(artifact.tags)
@@ -317,6 +326,7 @@ def tag(
         output=Path(output_path),
         model=artifact.path,
         executor=executor,
+        backend=config.embedding.backend,
         rows_read=source.rows,
         renamed_columns=renames,
     )
@@ -458,13 +468,12 @@ def _local_batches(
     import numpy as np
     import pyarrow as pa
 
-    from tagcli.embed import load_encoder
+    from tagcli.backends import load_artifact_backend
 
     if source.rows == 0:
         # An input with a header and no rows needs no model.
         return
-    spec = ModelSpec(artifact.manifest["embedding"]["model"], config.embedding.offline)
-    encoder = load_encoder(spec)
+    encoder = load_artifact_backend(artifact, config.embedding.offline)
     skip_rows = duplicates.exact.skipped_rows() if duplicates else None
     first_row = 0
     for batch in iter_local_batches(source, config.ray.batch_size):
@@ -543,6 +552,7 @@ def _build_dataset(
     import ray
     import ray.data
 
+    from tagcli.backends import ONNX_INT8, read_onnx_model, recorded_backend
     from tagcli.embed import pack_folder
 
     context = ray.data.DataContext.get_current()
@@ -551,8 +561,13 @@ def _build_dataset(
     context.print_on_execution_start = False
 
     spec = ModelSpec(artifact.manifest["embedding"]["model"], config.embedding.offline)
-    folder = spec.local_folder()
-    model_folder_ref = [ray.put(pack_folder(folder))] if folder else []
+    onnx_ref = []
+    model_folder_ref = []
+    if recorded_backend(artifact.manifest) == ONNX_INT8:
+        onnx_entry = artifact.manifest["embedding"]["onnx"]
+        onnx_ref = [ray.put(read_onnx_model(artifact.path, onnx_entry))]
+    elif spec.local_folder():
+        model_folder_ref = [ray.put(pack_folder(spec.local_folder()))]
 
     # Blocks of at most one batch, and at least one block per worker, so small
     # inputs still keep every actor busy. Readers split their output by bytes,
@@ -585,6 +600,7 @@ def _build_dataset(
             "renames": renames,
             "policy": policy,
             "skip_rows_ref": skip_rows_ref,
+            "onnx_ref": onnx_ref,
         },
         batch_size=config.ray.batch_size,
         batch_format="pyarrow",

@@ -59,6 +59,9 @@ def count_tokens(encoder, texts: list[str]) -> list[int]:
     """
     if not texts:
         return []
+    if hasattr(encoder, "count_tokens"):
+        # A backend from tagcli.backends, which may have no transformers tokenizer.
+        return encoder.count_tokens(texts)
     encoded = encoder.tokenizer(
         texts, add_special_tokens=True, truncation=False, verbose=False
     )

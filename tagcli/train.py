@@ -8,14 +8,16 @@ save the artifact.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tagcli.config import Config
+from tagcli.backends import build_training_backend
 from tagcli.dedupe import drop_training_duplicates
-from tagcli.embed import ModelSpec, embed_texts, load_encoder
+from tagcli.embed import ModelSpec, embed_texts
 from tagcli.errors import TagcliError
 from tagcli.evaluate import compute_metrics
 from tagcli.io import read_table
@@ -185,10 +187,21 @@ def train(
     labeled = load_labeled(data_path, config, encoding)
     check_trainable(data_path, labeled.frame["tag"].to_list(), config)
     spec = ModelSpec(config.embedding.model, config.embedding.offline)
-    encoder = load_encoder(spec)
+    backend_name = config.embedding.backend
+    # Holds the ONNX export until save_artifact copies it into the artifact.
+    # After a failure, the TemporaryDirectory finaliser removes it at exit.
+    export_folder = tempfile.TemporaryDirectory(prefix="tagcli-export-")
+    encoder, backend_entries, backend_files = build_training_backend(
+        spec, backend_name, Path(export_folder.name)
+    )
 
     read_rows = labeled.frame.height
-    log.info("Embedding %d rows with %s", read_rows, spec.model_id())
+    log.info(
+        "Embedding %d rows with %s on the %s backend",
+        read_rows,
+        spec.model_id(),
+        backend_name,
+    )
     # Drop duplicates before the split, so no content straddles train and validation.
     duplicates = drop_training_duplicates(
         labeled.frame,
@@ -284,6 +297,8 @@ def train(
             "model_id": spec.model_id(),
             "dimension": int(embeddings.shape[1]),
             "offline": spec.offline,
+            "backend": backend_name,
+            **backend_entries,
         },
         "head": {
             "type": "LogisticRegression",
@@ -315,7 +330,16 @@ def train(
 
     models_dir = config.paths.models_dir
     target = Path(output) if output else models_dir / new_version_name(models_dir)
-    save_artifact(target, head, manifest, validation_frame, fitted_keys, overwrite)
+    save_artifact(
+        target,
+        head,
+        manifest,
+        validation_frame,
+        fitted_keys,
+        overwrite,
+        extra_files=backend_files,
+    )
+    export_folder.cleanup()
     return TrainResult(
         artifact=target,
         manifest=manifest,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tagcli.embed import ModelSpec, embed_texts, load_encoder
+from tagcli.backends import load_artifact_backend
 from tagcli.model import load_artifact
 
 pytestmark = pytest.mark.slow
@@ -20,10 +20,10 @@ TAGS = ["natural-language-processing", "computer-vision", "mlops", "other"]
 @pytest.fixture(scope="module")
 def predict(full_model):
     artifact = load_artifact(full_model, TAGS)
-    encoder = load_encoder(ModelSpec())
+    backend = load_artifact_backend(artifact, offline=True)
 
     def probabilities(texts: list[str]):
-        return artifact.head.predict_proba(embed_texts(encoder, texts), texts)
+        return artifact.head.predict_proba(backend.embed(texts), texts)
 
     def tags(texts: list[str]) -> list[str]:
         return [TAGS[i] for i in probabilities(texts).argmax(axis=1)]

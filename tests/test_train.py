@@ -9,8 +9,8 @@ import polars as pl
 import pytest
 from conftest import run_cli, write_config
 
-from tagcli.embed import ModelSpec, embed_texts, load_encoder
-from tagcli.model import HEAD_FILE, MANIFEST_FILE, sha256_file
+from tagcli.backends import load_artifact_backend
+from tagcli.model import HEAD_FILE, MANIFEST_FILE, load_artifact, sha256_file
 
 
 def test_manifest_records_training(small_model, subset_csv):
@@ -153,7 +153,8 @@ def test_same_seed_gives_same_predictions(tmp_path, subset_csv, small_model):
     assert first["files"] == second["files"]
 
     texts = ["A transformer for translation", "Detect objects in drone video"]
-    embeddings = embed_texts(load_encoder(ModelSpec()), texts)
+    artifact = load_artifact(small_model, first["tags"]["approved"])
+    embeddings = load_artifact_backend(artifact, offline=True).embed(texts)
     first_head = joblib.load(small_model / HEAD_FILE)
     second_head = joblib.load(tmp_path / "again" / HEAD_FILE)
     assert (
