@@ -9,8 +9,12 @@ gets a numbered suffix, so every row is unique), then reports:
 - their ratio, and the peak RSS of the tag job: the sum over the CLI process and
   every process below it (Ray's GCS, raylet and workers), sampled every 0.2 s.
 
+Without --model, it first trains a model on the sample data with --backend
+(training time is not counted). With --executor auto it also prints which
+path `tagcli tag` takes for that N.
+
 Usage: python bench/tag_throughput.py --rows 10000 [--rows 100000] [--model DIR]
-       [--executor ray] [--skip-encode]
+       [--backend onnx-int8|torch] [--executor auto|ray|local] [--skip-encode]
 """
 
 from __future__ import annotations
@@ -73,14 +77,24 @@ def process_tree_rss(root: int) -> int:
     return total
 
 
-def run_tag(dump: Path, output: Path, model: Path | None, executor: str) -> tuple[float, int]:
+def train_model(backend: str, folder: Path) -> Path:
+    """Train a model on the sample data with `backend` and return its folder."""
+    target = folder / f"model-{backend}"
+    command = [sys.executable, "-m", "tagcli", "-q", "train", str(SAMPLE)]
+    command += ["--backend", backend, "--output", str(target)]
+    subprocess.run(command, check=True)
+    return target
+
+
+def run_tag(
+    dump: Path, output: Path, model: Path, executor: str, backend: str
+) -> tuple[float, int]:
     """Run `tagcli tag` and return (seconds, peak RSS in bytes of its process tree)."""
     command = [sys.executable, "-m", "tagcli", "-q", "tag", str(dump), "-o", str(output)]
     # The dump repeats the sample rows with numbered titles: all near duplicates.
     command.append("--keep-duplicates")
-    command += ["--overwrite", "--executor", executor]
-    if model:
-        command += ["--model", str(model)]
+    command += ["--overwrite", "--executor", executor, "--backend", backend]
+    command += ["--model", str(model)]
     started = time.monotonic()
     job = subprocess.Popen(command)
     peak = 0
@@ -114,33 +128,62 @@ def plain_encode_seconds(texts: list[str]) -> float:
     return time.monotonic() - started
 
 
+def executor_for(requested: str, rows: int) -> str:
+    """Return the path `tagcli tag --executor requested` takes for `rows` here."""
+    from tagcli.config import load_config
+    from tagcli.pipeline import choose_executor
+
+    config = load_config(None)
+    address = os.environ.get("RAY_ADDRESS") or config.ray.address
+    chosen = choose_executor(requested, rows, address, config.ray.max_local_rows)
+    return requested if requested == chosen else f"{requested}: {chosen}"
+
+
 def main() -> None:
+    from tagcli.backends import BACKENDS
+    from tagcli.config import EmbeddingConfig
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, action="append", required=True)
-    parser.add_argument("--model", type=Path, help="Model artifact. Default: the newest.")
-    parser.add_argument("--executor", default="ray", choices=["ray", "local", "auto"])
+    parser.add_argument(
+        "--model", type=Path, help="Model artifact. Default: train one with --backend."
+    )
+    parser.add_argument(
+        "--backend", default=EmbeddingConfig().backend, choices=BACKENDS
+    )
+    parser.add_argument("--executor", default="auto", choices=["ray", "local", "auto"])
     parser.add_argument("--skip-encode", action="store_true", help="Measure tag only.")
     args = parser.parse_args()
 
-    print(f"machine: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}")
+    print(
+        f"machine: {os.cpu_count()} CPUs, {platform.machine()}, "
+        f"Python {platform.python_version()}; backend {args.backend}",
+        flush=True,
+    )
+    models = tempfile.TemporaryDirectory()
+    model = args.model or train_model(args.backend, Path(models.name))
     for rows in args.rows:
         with tempfile.TemporaryDirectory() as folder:
             dump = Path(folder) / "dump.parquet"
             texts = build_dump(rows, dump)
-            seconds, peak = run_tag(dump, Path(folder) / "out.parquet", args.model, args.executor)
+            output = Path(folder) / "out.parquet"
+            seconds, peak = run_tag(dump, output, model, args.executor, args.backend)
             tag_rate = rows / seconds
+            executor = executor_for(args.executor, rows)
             line = (
-                f"N={rows}: tagcli tag ({args.executor}) {seconds:.1f} s, {tag_rate:.1f} rows/s, "
+                f"N={rows}: tagcli tag ({args.backend}, executor {executor}) "
+                f"{seconds:.1f} s, {tag_rate:.1f} rows/s, "
                 f"peak RSS {peak / 2**20:.0f} MiB"
             )
             if not args.skip_encode:
                 encode = plain_encode_seconds(texts)
                 encode_rate = rows / encode
                 line += (
-                    f"; plain encode {encode:.1f} s, {encode_rate:.1f} rows/s; "
+                    f"; plain torch encode {encode:.1f} s, {encode_rate:.1f} rows/s; "
                     f"ratio {tag_rate / encode_rate:.2f}"
                 )
             print(line, flush=True)
+    models.cleanup()
 
 
 if __name__ == "__main__":
