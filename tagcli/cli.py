@@ -414,11 +414,14 @@ such rows). Rows read = tagged + duplicates + rejected.
 \b
 Where the embedding runs (--executor):
   auto   in-process when the input has at most [ray] max_local_rows rows
-         (default 2000) and no cluster address is set, otherwise on Ray
+         (default 100000) and no cluster address is set, otherwise on Ray
   ray    always on Ray: a local instance, or the cluster at --address
   local  always in-process, on this machine's CPUs
-Both paths give the same tags; probabilities can differ around the 7th
-decimal place, because the encoder pads texts in different groups.
+The paths group texts into encoder batches differently. With --backend
+torch, probabilities then differ around the 7th decimal place. With
+onnx-int8 they differ more (0.11 at most on 2,000 sample rows), because int8
+activations share one scale per batch, so a row near a decision boundary can
+change tag.
 
 \b
 Duplicates: rows with the same title and description as an earlier row

@@ -75,9 +75,11 @@ class RayConfig:
     cpus_per_worker: float = -1.0
     batch_size: int = 1024
     # With executor "auto", inputs of at most this many rows on no cluster are
-    # embedded in-process: Ray's start-up (10 to 14 s on 2 CPUs) would cost
-    # more than the work.
-    max_local_rows: int = 2000
+    # embedded in-process. On 2 CPUs in-process was faster than a local Ray
+    # instance at every size measured (docs/benchmarks.md).
+    # NOTE: for machines with more CPUs the value is an estimate. There the
+    # actor pool may be faster for large inputs, which was not measured.
+    max_local_rows: int = 100_000
 
 
 @dataclass
