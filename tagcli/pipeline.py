@@ -59,10 +59,10 @@ class TagWorker:
 
     The model loads once per actor in `__init__`. The head, and the ONNX export
     or a local model folder if the artifact has one, arrive through Ray's
-    object store, so workers on other nodes need no shared file system. Each arrives wrapped in a
-    one-element list: Ray then passes the ObjectRef instead of resolving it into
-    the constructor arguments, which a restarted actor could no longer read
-    once they were freed.
+    object store, so workers on other nodes need no shared file system. Each
+    arrives wrapped in a one-element list: Ray then passes the ObjectRef
+    instead of resolving it into the constructor arguments, which a restarted
+    actor could no longer read once they were freed.
     """
 
     def __init__(
@@ -75,7 +75,7 @@ class TagWorker:
         renames: dict,
         policy: RowPolicy | None = None,
         skip_rows_ref: list | None = None,
-        onnx_ref: list = (),
+        onnx_ref: list | None = None,
     ):
         import ray
 
