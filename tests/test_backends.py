@@ -278,3 +278,18 @@ print(sorted(name for name in ("torch", "sentence_transformers", "transformers")
     rows, imported = result.stdout.strip().splitlines()
     assert rows == "200"
     assert imported == "[]"
+
+
+def test_onnx_token_counts_for_screening(onnx_backend, torch_encoder):
+    from tagcli.rows import RowPolicy, screen_texts
+
+    texts = ["A short text", " ".join(["tokenization"] * 400), ""]
+
+    counts = onnx_backend.count_tokens(texts)
+    screening = screen_texts(texts, onnx_backend, RowPolicy())
+
+    assert counts == TorchBackend(torch_encoder).count_tokens(texts)
+    assert counts[1] > 256
+    assert onnx_backend.max_seq_length == 256
+    assert screening.truncated_rows == [False, True, False]
+    assert screening.reasons == [None, None, "empty_text"]
