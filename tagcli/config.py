@@ -76,7 +76,7 @@ class RayConfig:
     batch_size: int = 1024
     # With executor "auto", inputs of at most this many rows on no cluster are
     # embedded in-process. On 2 CPUs in-process was faster than a local Ray
-    # instance at every size measured (docs/benchmarks.md).
+    # instance at 2,000 and 10,000 rows (docs/benchmarks.md).
     # NOTE: for machines with more CPUs the value is an estimate. There the
     # actor pool may be faster for large inputs, which was not measured.
     max_local_rows: int = 100_000
