@@ -20,6 +20,7 @@ importing this module costs nothing.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,21 @@ BACKENDS = (TORCH, ONNX_INT8)
 ONNX_FILE = "encoder-int8.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 ONNX_OPSET = 17
+
+
+def import_onnxruntime():
+    """Import and return onnxruntime with its telemetry turned off.
+
+    The onnxruntime 1.31 wheel for Linux contains a telemetry client (the 1DS
+    SDK, with a collector URL at mobile.events.data.microsoft.com). It starts
+    on import and writes a `.ses` file to TMPDIR unless ORT_DISABLE_TELEMETRY
+    is set first. tagcli sends nothing to any host, so it sets the variable.
+    """
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    import onnxruntime
+
+    onnxruntime.disable_telemetry_events()
+    return onnxruntime
 
 
 def length_grouped_batches(lengths, batch_size: int) -> list:
@@ -120,8 +136,9 @@ class OnnxInt8Backend:
     name = ONNX_INT8
 
     def __init__(self, model: OnnxModel, threads: int | None = None) -> None:
-        import onnxruntime
         from tokenizers import Tokenizer
+
+        onnxruntime = import_onnxruntime()
 
         options = onnxruntime.SessionOptions()
         # 0 lets onnxruntime use one thread per physical core.
@@ -202,6 +219,7 @@ def export_onnx_int8(encoder, folder: Path) -> dict:
     by mean pooling (and optionally normalisation), the only layout this
     backend reproduces.
     """
+    import_onnxruntime()
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

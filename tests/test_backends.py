@@ -293,3 +293,8 @@ def test_onnx_token_counts_for_screening(onnx_backend, torch_encoder):
     assert onnx_backend.max_seq_length == 256
     assert screening.truncated_rows == [False, True, False]
     assert screening.reasons == [None, None, "empty_text"]
+
+
+def test_onnxruntime_telemetry_is_off(onnx_backend):
+    # The onnxruntime wheel's telemetry client must not start in tagcli.
+    assert os.environ["ORT_DISABLE_TELEMETRY"] == "1"
