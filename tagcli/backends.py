@@ -87,7 +87,7 @@ class TorchBackend:
         )
         return [len(ids) for ids in encoded["input_ids"]]
 
-    def token_counts(self, texts: list[str]) -> list[int]:
+    def truncated_token_counts(self, texts: list[str]) -> list[int]:
         """Return the token count of each text, truncated, special tokens included."""
         encoded = self.encoder.tokenizer(
             texts,
@@ -106,7 +106,8 @@ class TorchBackend:
             return embeddings
         # One encode call per batch: sentence-transformers sorts only inside a
         # call, and by characters, so the batches are formed here by tokens.
-        for positions in length_grouped_batches(self.token_counts(texts), batch_size):
+        lengths = self.truncated_token_counts(texts)
+        for positions in length_grouped_batches(lengths, batch_size):
             embeddings[positions] = self.encoder.encode(
                 [texts[i] for i in positions],
                 batch_size=len(positions),
