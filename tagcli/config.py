@@ -112,9 +112,31 @@ class DedupeConfig:
 
 
 @dataclass
+class ReviewConfig:
+    # Rows with a confidence below this go to the review queue. "auto" uses the
+    # threshold chosen at train time, which puts `error_share` of the
+    # validation errors below it; a number from 0 to 1 sets it directly.
+    threshold: str | float = "auto"
+    error_share: float = 0.8
+
+
+@dataclass
+class DriftConfig:
+    # A batch has drifted when the PSI of its predicted tag shares against the
+    # training shares exceeds `psi_threshold` ...
+    psi_threshold: float = 0.2
+    # ... or when more than this share of its rows are out of distribution.
+    ood_share_threshold: float = 0.1
+    # A row is out of distribution when its distance to the nearest training
+    # centroid exceeds this quantile of the training rows' distances.
+    ood_quantile: float = 0.99
+
+
+@dataclass
 class PathsConfig:
     models_dir: Path = Path("models")
-    # History of content already tagged, for duplicates across runs.
+    # History of content already tagged, for duplicates across runs, and the
+    # corrections recorded by `tagcli feedback`.
     state_dir: Path = Path("state")
 
 
@@ -128,6 +150,8 @@ class Config:
     rows: RowsConfig = field(default_factory=RowsConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     dedupe: DedupeConfig = field(default_factory=DedupeConfig)
+    review: ReviewConfig = field(default_factory=ReviewConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
     source: Path | None = None
 
     def validate(self) -> None:
@@ -211,6 +235,32 @@ class Config:
             raise ConfigError(
                 f"{where}: [ray] cpus_per_worker must be -1 (automatic) or at least 0."
             )
+        self._validate_monitoring(where)
+
+    def _validate_monitoring(self, where: str) -> None:
+        threshold = self.review.threshold
+        if threshold != "auto" and not (
+            isinstance(threshold, float) and 0 <= threshold <= 1
+        ):
+            raise ConfigError(
+                f'{where}: [review] threshold must be "auto" or a number from 0 to 1, '
+                f"got {threshold!r}."
+            )
+        shares = {
+            "[review] error_share": self.review.error_share,
+            "[drift] ood_share_threshold": self.drift.ood_share_threshold,
+            "[drift] ood_quantile": self.drift.ood_quantile,
+        }
+        for name, value in shares.items():
+            if not 0 < value <= 1:
+                raise ConfigError(
+                    f"{where}: {name} must be above 0 and at most 1, got {value}."
+                )
+        if self.drift.psi_threshold <= 0:
+            raise ConfigError(
+                f"{where}: [drift] psi_threshold must be positive, "
+                f"got {self.drift.psi_threshold}."
+            )
 
 
 _SECTIONS = {
@@ -222,7 +272,12 @@ _SECTIONS = {
     "rows": RowsConfig,
     "paths": PathsConfig,
     "dedupe": DedupeConfig,
+    "review": ReviewConfig,
+    "drift": DriftConfig,
 }
+
+# Keys that take either a string such as "auto" or a number.
+_STRING_OR_NUMBER_KEYS = {"review.threshold"}
 
 
 def find_config_file(explicit: str | os.PathLike | None) -> Path | None:
@@ -312,6 +367,12 @@ _TYPE_NAMES = {
 def _coerce(path: Path, name: str, current: Any, value: Any) -> Any:
     """Convert a TOML value to the type of the default, or raise ConfigError."""
     expected = Path if isinstance(current, Path) else type(current)
+    if name in _STRING_OR_NUMBER_KEYS:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path}: {name} must be a string or a number, got {value!r}.")
     if isinstance(current, Path):
         if isinstance(value, str) and value:
             return Path(value).expanduser()
