@@ -40,6 +40,11 @@ class TagHead:
     classifier: object
     vectorizer: object | None
     tags: list[str]
+    # Divides the logits before the softmax; fitted by `fit_temperature`. Heads
+    # saved before calibration existed load with the class default, 1.0.
+    temperature: float = 1.0
+    # tagcli.monitor.DriftReference of the training embeddings, or None.
+    drift_reference: object = None
 
     def features(self, embeddings, texts: list[str]):
         if self.vectorizer is None:
@@ -50,19 +55,63 @@ class TagHead:
             [csr_matrix(embeddings), self.vectorizer.transform(texts)]
         ).tocsr()
 
-    def predict_proba(self, embeddings, texts: list[str]):
-        """Return probabilities of shape (rows, len(tags)), each row summing to 1."""
+    def logits(self, embeddings, texts: list[str]):
+        """Return uncalibrated logits of shape (rows, len(tags)).
+
+        A tag the training data lacked gets -inf, so its probability is 0.
+        With two classes scikit-learn returns one decision value d, which is
+        the logit of the second class against a logit of 0 for the first.
+        """
         import numpy as np
 
-        fitted = self.classifier.predict_proba(self.features(embeddings, texts))
-        probabilities = np.zeros((fitted.shape[0], len(self.tags)), dtype=np.float64)
-        for column, tag in enumerate(self.classifier.classes_):
-            probabilities[:, self.tags.index(tag)] = fitted[:, column]
-        return probabilities
+        decision = self.classifier.decision_function(self.features(embeddings, texts))
+        classes = list(self.classifier.classes_)
+        if decision.ndim == 1:
+            decision = np.column_stack([np.zeros_like(decision), decision])
+        logits = np.full((decision.shape[0], len(self.tags)), -np.inf)
+        for column, tag in enumerate(classes):
+            logits[:, self.tags.index(tag)] = decision[:, column]
+        return logits
+
+    def predict_proba(self, embeddings, texts: list[str]):
+        """Return calibrated probabilities of shape (rows, len(tags)), each row summing to 1."""
+        return softmax(self.logits(embeddings, texts) / self.temperature)
 
     def predict(self, embeddings, texts: list[str]) -> list[str]:
         probabilities = self.predict_proba(embeddings, texts)
         return [self.tags[i] for i in probabilities.argmax(axis=1)]
+
+
+def softmax(logits):
+    """Return the row-wise softmax of `logits`; -inf entries get probability 0."""
+    import numpy as np
+
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exponentials = np.exp(shifted)
+    return exponentials / exponentials.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(logits, labels, tags) -> float:
+    """Fit the temperature T that minimises the log loss of softmax(logits / T).
+
+    `logits` must come from rows the head was not fitted on, such as
+    out-of-fold predictions, because in-sample logits are overconfident.
+    T is searched in [0.05, 20]; T > 1 softens the probabilities.
+    """
+    import numpy as np
+    from scipy.optimize import minimize_scalar
+
+    columns = np.array([tags.index(label) for label in labels])
+    rows = np.arange(len(columns))
+
+    def log_loss(log_temperature: float) -> float:
+        probabilities = softmax(logits / np.exp(log_temperature))
+        return float(-np.log(np.clip(probabilities[rows, columns], 1e-12, 1)).mean())
+
+    result = minimize_scalar(
+        log_loss, bounds=(np.log(0.05), np.log(20.0)), method="bounded"
+    )
+    return float(np.exp(result.x))
 
 
 @dataclass(frozen=True)
@@ -135,6 +184,37 @@ def choose_c(
         scores[float(c_value)] = float(np.mean(fold_scores))
     best = max(scores, key=lambda c: (scores[c], -c))
     return best, scores
+
+
+def out_of_fold_logits(
+    embeddings, texts, labels, tags, c_value: float, folds: int, settings: HeadSettings
+):
+    """Return logits of every row from a head fitted on the other folds.
+
+    Uses the same stratified folds as `choose_c`, so each row's logits come
+    from a head that never saw it.
+    """
+    import numpy as np
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = np.asarray(labels)
+    smallest_class = min(np.unique(labels, return_counts=True)[1])
+    folds = max(2, min(folds, smallest_class))
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=settings.seed)
+    logits = np.zeros((len(labels), len(tags)))
+    for train_index, test_index in splitter.split(embeddings, labels):
+        head = fit_head(
+            embeddings[train_index],
+            [texts[i] for i in train_index],
+            labels[train_index],
+            tags,
+            c_value,
+            settings,
+        )
+        logits[test_index] = head.logits(
+            embeddings[test_index], [texts[i] for i in test_index]
+        )
+    return logits
 
 
 def sha256_file(path: Path) -> str:
