@@ -372,7 +372,9 @@ def _coerce(path: Path, name: str, current: Any, value: Any) -> Any:
             return float(value)
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{path}: {name} must be a string or a number, got {value!r}.")
+        raise ConfigError(
+            f"{path}: {name} must be a string or a number, got {value!r}."
+        )
     if isinstance(current, Path):
         if isinstance(value, str) and value:
             return Path(value).expanduser()

@@ -74,7 +74,7 @@ class TagHead:
         return logits
 
     def predict_proba(self, embeddings, texts: list[str]):
-        """Return calibrated probabilities of shape (rows, len(tags)), each row summing to 1."""
+        """Return calibrated probabilities of shape (rows, len(tags)); rows sum to 1."""
         return softmax(self.logits(embeddings, texts) / self.temperature)
 
     def predict(self, embeddings, texts: list[str]) -> list[str]:

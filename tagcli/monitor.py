@@ -135,9 +135,7 @@ def nearest_centroid_distance(reference: DriftReference | None, embeddings):
     return (1.0 - similarities.max(axis=1)).astype(np.float64)
 
 
-def choose_review_threshold(
-    confidences, correct, error_share: float
-) -> dict:
+def choose_review_threshold(confidences, correct, error_share: float) -> dict:
     """Choose the confidence below which rows go to review.
 
     The threshold is the lowest value with at least `error_share` of the
@@ -225,7 +223,7 @@ def population_stability_index(
 
 @dataclass
 class DriftMonitor:
-    """Counts tags, review rows and out-of-distribution rows over the batches of a run."""
+    """Counts of tags, review rows and out-of-distribution rows over a run's batches."""
 
     reference: DriftReference
     ood_distance: float
@@ -256,7 +254,9 @@ class DriftMonitor:
         """
         expected = self.reference.tag_shares
         rows = self.rows
-        actual = {tag: self.tag_counts.get(tag, 0) / rows if rows else 0.0 for tag in expected}
+        actual = {
+            tag: self.tag_counts.get(tag, 0) / rows if rows else 0.0 for tag in expected
+        }
         psi = population_stability_index(expected, actual) if rows else None
         ood_share = self.out_of_distribution / rows if rows else None
         reasons = []
@@ -302,7 +302,12 @@ def render_drift(console, report: dict) -> None:
             share(shares["batch_share"]),
             "",
         )
-    table.add_row("PSI of tag shares", "", share(report["psi"]), f"{report['psi_threshold']:g}")
+    table.add_row(
+        "PSI of tag shares",
+        "",
+        share(report["psi"]),
+        f"{report['psi_threshold']:g}",
+    )
     table.add_row(
         "distance to nearest centroid (training median, batch mean)",
         share(report["training_median_distance"]),
