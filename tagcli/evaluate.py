@@ -6,6 +6,7 @@ import re
 from collections.abc import Callable
 
 SHORT_TEXT_WORDS = 8
+RELIABILITY_BINS = 10
 _TRANSFORMER_WORDS = re.compile(
     r"\b(llms?|large language models?|transformers?|bert\w*)\b", re.IGNORECASE
 )
@@ -98,6 +99,80 @@ def compute_metrics(
     return result
 
 
+def reliability_table(confidences, correct, bins: int = RELIABILITY_BINS) -> dict:
+    """Return the reliability table and the expected calibration error (ECE).
+
+    Rows fall into `bins` equal-width confidence bins over [0, 1]. Each bin
+    reports its mean confidence, its accuracy, the gap between them and the
+    gap weighted by the bin's share of rows; the ECE is the sum of those
+    weighted gaps. Empty bins are listed with None.
+    """
+    import numpy as np
+
+    confidences = np.asarray(confidences, dtype=np.float64)
+    correct = np.asarray(correct, dtype=bool)
+    rows = len(confidences)
+    # Bin i holds confidences in [i/bins, (i+1)/bins); a confidence of 1 goes to the last.
+    index = np.minimum((confidences * bins).astype(int), bins - 1)
+    table = []
+    ece = 0.0
+    for number in range(bins):
+        members = index == number
+        count = int(members.sum())
+        entry = {
+            "lower": number / bins,
+            "upper": (number + 1) / bins,
+            "rows": count,
+            "mean_confidence": None,
+            "accuracy": None,
+            "gap": None,
+            "ece_contribution": None,
+        }
+        if count:
+            mean_confidence = float(confidences[members].mean())
+            accuracy = float(correct[members].mean())
+            gap = abs(accuracy - mean_confidence)
+            contribution = gap * count / rows
+            ece += contribution
+            entry.update(
+                mean_confidence=mean_confidence,
+                accuracy=accuracy,
+                gap=gap,
+                ece_contribution=contribution,
+            )
+        table.append(entry)
+    return {"bins": table, "ece": ece if rows else None, "rows": rows}
+
+
+def render_reliability(console, calibration: dict, title: str) -> None:
+    """Print a reliability table and its ECE to a rich console."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    columns = ("confidence bin", "rows", "mean confidence", "accuracy", "gap", "ECE part")
+    for column in columns:
+        justify = "left" if column == "confidence bin" else "right"
+        table.add_column(column, justify=justify)
+    for entry in calibration["bins"]:
+        if not entry["rows"]:
+            continue
+        table.add_row(
+            f"{entry['lower']:.1f} to {entry['upper']:.1f}",
+            str(entry["rows"]),
+            _format(entry["mean_confidence"]),
+            _format(entry["accuracy"]),
+            _format(entry["gap"]),
+            _format(entry["ece_contribution"]),
+        )
+    console.print(table)
+    temperature = calibration.get("temperature")
+    scaled = f" (temperature {temperature:.3f})" if temperature else ""
+    console.print(
+        f"Expected calibration error: {_format(calibration['ece'])}{scaled}; "
+        "bins without rows are not shown."
+    )
+
+
 def _format(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -158,13 +233,15 @@ def render_metrics(console, metrics: dict, title: str) -> None:
 
 
 def evaluate_model(
-    config, data_path=None, model_dir=None, encoding: str = "utf-8"
+    config, data_path=None, model_dir=None, encoding: str = "utf-8", feedback=False
 ) -> dict:
     """Evaluate a model artifact on labeled rows and return a JSON-ready report.
 
-    `data_path` defaults to the validation split saved in the artifact. The
-    report's "leak" entry counts evaluation rows whose title and description
-    match rows the saved head was fitted on.
+    `data_path` defaults to the validation split saved in the artifact. With
+    `feedback`, the rows are the corrections in the state folder instead (see
+    `tagcli.feedback.feedback_evaluation_rows`). The report's "leak" entry
+    counts evaluation rows whose title and description match rows the saved
+    head was fitted on, and "calibration" holds the reliability table.
     """
     from pathlib import Path
 
@@ -178,7 +255,14 @@ def evaluate_model(
 
     artifact = resolve_artifact(config, model_dir)
     check_artifact_backend(artifact, config.embedding.backend)
-    if data_path is None:
+    feedback_sources = None
+    if feedback:
+        from tagcli.feedback import feedback_evaluation_rows
+
+        frame, feedback_sources = feedback_evaluation_rows(config, artifact)
+        data_path = feedback_sources["store"]
+        mapped = {}
+    elif data_path is None:
         data_path = artifact.path / VALIDATION_FILE
         frame = pl.read_parquet(data_path)
         mapped: dict[str, int] = {}
@@ -189,13 +273,18 @@ def evaluate_model(
     texts = texts_of(frame)
     backend = load_artifact_backend(artifact, config.embedding.offline)
     embeddings = backend.embed(texts, config.embedding.batch_size)
-    predicted = artifact.head.predict(embeddings, texts)
+    probabilities = artifact.head.predict_proba(embeddings, texts)
+    predicted = [artifact.tags[i] for i in probabilities.argmax(axis=1)]
 
     titles = frame["title"].to_list()
     descriptions = frame["description"].to_list()
-    metrics = compute_metrics(
-        titles, descriptions, frame["tag"].to_list(), predicted, artifact.tags
+    true_tags = frame["tag"].to_list()
+    metrics = compute_metrics(titles, descriptions, true_tags, predicted, artifact.tags)
+    calibration = reliability_table(
+        probabilities.max(axis=1) if len(texts) else [],
+        [p == t for p, t in zip(predicted, true_tags)],
     )
+    calibration["temperature"] = float(artifact.head.temperature)
 
     fitted = artifact.fitted_keys()
     overlapping = sum(content_key(t, d) in fitted for t, d in zip(titles, descriptions))
@@ -211,4 +300,6 @@ def evaluate_model(
             "f1"
         ],
         "metrics": metrics,
+        "calibration": calibration,
+        "feedback": feedback_sources,
     }

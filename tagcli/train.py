@@ -19,18 +19,22 @@ from tagcli.backends import build_training_backend
 from tagcli.dedupe import drop_training_duplicates
 from tagcli.embed import ModelSpec, embed_texts
 from tagcli.errors import TagcliError
-from tagcli.evaluate import compute_metrics
+from tagcli.feedback import apply_stored_feedback
+from tagcli.evaluate import compute_metrics, reliability_table
 from tagcli.io import read_table
 from tagcli.model import (
     HeadSettings,
     check_output_folder,
     choose_c,
     fit_head,
+    fit_temperature,
+    out_of_fold_logits,
     new_version_name,
     package_versions,
     save_artifact,
     sha256_file,
 )
+from tagcli.monitor import build_drift_reference, choose_review_threshold
 from tagcli.text import compose_text, content_key
 
 log = logging.getLogger(__name__)
@@ -162,6 +166,7 @@ class TrainResult:
     seconds: float
     duplicates_exact: int = 0
     duplicates_near: int = 0
+    feedback: dict | None = None
 
 
 def train(
@@ -170,12 +175,14 @@ def train(
     output: Path | None = None,
     encoding: str = "utf-8",
     overwrite: bool = False,
+    use_feedback: bool = True,
 ) -> TrainResult:
     """Train a head on `data_path` and save an artifact; return where and what.
 
-    `overwrite` lets `output` replace a model artifact already there. Raises
-    TagcliError before any model time is spent when the data or the output
-    folder cannot be used.
+    `overwrite` lets `output` replace a model artifact already there. With
+    `use_feedback`, corrections stored by `tagcli feedback` override the tags
+    of their rows and add new rows first. Raises TagcliError before any model
+    time is spent when the data or the output folder cannot be used.
     """
     import numpy as np
     from sklearn.model_selection import train_test_split
@@ -185,6 +192,13 @@ def train(
     if output is not None:
         check_output_folder(Path(output), overwrite)
     labeled = load_labeled(data_path, config, encoding)
+    feedback_counts = None
+    if use_feedback:
+        # NOTE: a feedback row whose text duplicates an earlier row of DATA is
+        # dropped by the duplicate filter below, and the earlier row's tag stays.
+        labeled.frame, feedback_counts = apply_stored_feedback(
+            labeled.frame, config, mapped_column=MAPPED_FROM
+        )
     check_trainable(data_path, labeled.frame["tag"].to_list(), config)
     spec = ModelSpec(config.embedding.model, config.embedding.offline)
     backend_name = config.embedding.backend
@@ -268,11 +282,47 @@ def train(
     )
     head = fit_head(train_embeddings, train_texts, train_labels, tags, best_c, settings)
 
+    # Temperature scaling, fitted on out-of-fold logits of the training split.
+    train_logits = out_of_fold_logits(
+        train_embeddings,
+        train_texts,
+        train_labels,
+        tags,
+        best_c,
+        config.train.cv_folds,
+        settings,
+    )
+    head.temperature = fit_temperature(train_logits, train_labels.tolist(), tags)
+    out_of_fold_predicted = [tags[i] for i in train_logits.argmax(axis=1)]
+
     validation_embeddings, validation_texts, validation_labels = subset(
         validation_index
     )
     validation_frame = frame[validation_index.tolist()]
-    predicted = head.predict(validation_embeddings, validation_texts)
+    validation_probabilities = head.predict_proba(
+        validation_embeddings, validation_texts
+    )
+    predicted = [tags[i] for i in validation_probabilities.argmax(axis=1)]
+    validation_correct = np.asarray(predicted) == validation_labels
+    review = choose_review_threshold(
+        validation_probabilities.max(axis=1),
+        validation_correct,
+        config.review.error_share,
+    )
+    if review["errors"] == 0:
+        log.warning(
+            "The head made no errors on the %d validation rows, so the review "
+            "threshold is 0 and queues no rows; set [review] threshold in "
+            "tagcli.toml to queue low-confidence rows.",
+            review["rows"],
+        )
+    calibration = {
+        "method": "temperature scaling on out-of-fold logits of the training split",
+        "temperature": head.temperature,
+        "validation_ece": reliability_table(
+            validation_probabilities.max(axis=1), validation_correct
+        )["ece"],
+    }
     metrics = compute_metrics(
         validation_frame["title"].to_list(),
         validation_frame["description"].to_list(),
@@ -283,8 +333,16 @@ def train(
 
     fitted_index = train_index
     if config.train.refit_on_all:
+        temperature = head.temperature
         head = fit_head(embeddings, texts, label_array, tags, best_c, settings)
+        head.temperature = temperature
         fitted_index = positions
+    head.drift_reference = build_drift_reference(
+        embeddings[fitted_index],
+        label_array[fitted_index].tolist(),
+        out_of_fold_predicted,
+        tags,
+    )
     fitted_keys = [
         content_key(frame["title"][int(i)], frame["description"][int(i)])
         for i in fitted_index
@@ -325,6 +383,10 @@ def train(
             "mapped_to_fallback": mapped,
         },
         "validation_metrics": metrics,
+        "calibration": calibration,
+        "review": review,
+        "drift": head.drift_reference.summary(),
+        "feedback": feedback_counts,
         "package_versions": package_versions(),
     }
 
@@ -348,4 +410,5 @@ def train(
         seconds=time.monotonic() - started,
         duplicates_exact=duplicates.exact,
         duplicates_near=duplicates.near,
+        feedback=feedback_counts,
     )
