@@ -19,6 +19,7 @@ import click
 from tagcli import __version__
 from tagcli.backends import BACKENDS
 from tagcli.errors import (
+    EXIT_DRIFT,
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_PARTIAL,
@@ -40,6 +41,8 @@ _EXIT_CODE_LINES = {
     3: "  3    bad input: a file, column or row that cannot be used",
     4: "  4    partial success: the output was written, and some rows went to\n"
     "       the rejects file ([rows] in tagcli.toml)",
+    5: "  5    drift with --fail-on-drift: the output was written, and the batch\n"
+    "       differs from the training data ([drift] in tagcli.toml)",
     130: "  130  interrupted with Ctrl-C; no output was written",
     75: "  75   the history of earlier runs is locked by another run for longer\n"
     "       than [dedupe] lock_timeout_seconds",
@@ -52,7 +55,7 @@ def exit_codes_help(*codes: int) -> str:
     return f"\b\nExit codes:\n{lines}\n"
 
 
-EXIT_CODES_HELP = exit_codes_help(0, 1, 2, 3, 4, 75, 130, 143)
+EXIT_CODES_HELP = exit_codes_help(0, 1, 2, 3, 4, 5, 75, 130, 143)
 
 
 def _console(stderr: bool = False):
@@ -304,6 +307,13 @@ def main(
     "the head fitted on the training split. Default: [train] refit_on_all (true).",
 )
 @backend_option
+@click.option(
+    "--feedback/--no-feedback",
+    "use_feedback",
+    default=True,
+    help="Apply the corrections recorded by `tagcli feedback` (default) or "
+    "ignore them.",
+)
 @encoding_option
 @json_option
 @output_options
@@ -317,6 +327,7 @@ def train(
     embedding_model: str | None,
     refit: bool | None,
     backend: str | None,
+    use_feedback: bool,
     encoding: str,
     json_summary: bool,
 ) -> None:
@@ -340,7 +351,9 @@ def train(
 
     check_encoding(encoding)
     with _input_context(data) as data_file:
-        result = run_train(data_file, config, output, encoding, overwrite)
+        result = run_train(
+            data_file, config, output, encoding, overwrite, use_feedback=use_feedback
+        )
 
     if json_summary:
         record = {
@@ -351,6 +364,8 @@ def train(
             "rows": result.rows,
             "mapped_to_fallback": result.mapped,
             "validation_f1": result.manifest["validation_metrics"]["overall"]["f1"],
+            "review": result.manifest["review"],
+            "feedback": result.feedback,
             "seconds": round(result.seconds, 3),
         }
         click.echo(json.dumps(record))
@@ -369,6 +384,14 @@ def train(
             f"row(s) before the split ({result.duplicates_exact} exact, "
             f"{result.duplicates_near} near); {result.rows} rows remain."
         )
+    if result.feedback and result.feedback["records"]:
+        counts = result.feedback
+        console.print(
+            f"Applied {counts['records']} feedback record(s) from {counts['store']}: "
+            f"{counts['rows_corrected']} row(s) corrected ({counts['tags_changed']} "
+            f"with a new tag), {counts['rows_added']} added, "
+            f"{counts['skipped_without_text']} skipped for lack of text."
+        )
     from tagcli.evaluate import render_metrics
 
     head = result.manifest["head"]
@@ -377,10 +400,24 @@ def train(
         result.manifest["validation_metrics"],
         f"Validation ({result.manifest['training_data']['validation_rows']} rows, C={head['C']:g})",
     )
+    _print_review_choice(console, result.manifest)
     fitted = "all rows" if head["fitted_on"] == "all_rows" else "the training split"
     console.print(
         f"Saved model to {result.artifact} (head fitted on {fitted}, "
         f"{head['fitted_rows']} rows) in {result.seconds:.1f} s."
+    )
+
+
+def _print_review_choice(console, manifest: dict) -> None:
+    calibration = manifest["calibration"]
+    review = manifest["review"]
+    console.print(
+        f"Calibration: temperature {calibration['temperature']:.3f}, validation "
+        f"ECE {calibration['validation_ece']:.3f}. Review threshold "
+        f"{review['threshold']:.3f}: below it are {review['errors_caught']} of "
+        f"{review['errors']} validation errors and {review['rows_queued']} of "
+        f"{review['rows']} validation rows (\\[review] error_share "
+        f"{review['error_share']:g})."
     )
 
 
@@ -434,12 +471,18 @@ run drops them too; see `tagcli history`.
 
 \b
 A progress bar shows on a terminal; otherwise a log line every 10 s.
+
+\b
+Review and drift: rows with confidence below [review] threshold get
+needs_review = true and also go to OUTPUT.review.EXT beside the output. Rows
+farther from the training data than [drift] ood_quantile of the training
+rows get out_of_distribution = true. The summary shows the drift table.
 """
 
 
 @main.command(
     help=TAG_HELP,
-    epilog=exit_codes_help(0, 1, 2, 3, 4, 75, 130, 143),
+    epilog=exit_codes_help(0, 1, 2, 3, 4, 5, 75, 130, 143),
     short_help="Tag every row of a CSV or Parquet dump.",
 )
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
@@ -516,6 +559,11 @@ A progress bar shows on a terminal; otherwise a log line every 10 s.
     help="Tag every row: no duplicate filter, no history, no duplicates file.",
 )
 @backend_option
+@click.option(
+    "--fail-on-drift",
+    is_flag=True,
+    help="Exit with status 5 when the batch has drifted (the output is still written).",
+)
 @encoding_option
 @json_option
 @output_options
@@ -536,6 +584,7 @@ def tag(
     no_history: bool,
     keep_duplicates: bool,
     backend: str | None,
+    fail_on_drift: bool,
     encoding: str,
     json_summary: bool,
 ) -> None:
@@ -591,6 +640,9 @@ def tag(
     if is_stdin(input_path):
         summary.input = input_path
     exit_code = EXIT_PARTIAL if summary.rows_rejected else 0
+    drifted = fail_on_drift and summary.drift["drifted"]
+    if drifted:
+        exit_code = EXIT_DRIFT
 
     if json_summary:
         click.echo(json.dumps(tag_summary_record(summary, exit_code)))
@@ -603,6 +655,9 @@ def tag(
             summary.rows_rejected,
             summary.rejects,
         )
+    if drifted:
+        reasons = "; ".join(summary.drift["reasons"])
+        click.echo(f"Error: the batch has drifted ({reasons}).", err=True)
     ctx = click.get_current_context()
     ctx.exit(exit_code)
 
@@ -615,6 +670,7 @@ def tag_summary_record(summary, exit_code: int) -> dict:
         "input": str(summary.input),
         "output": str(summary.output),
         "rejects": str(summary.rejects) if summary.rejects else None,
+        "review": str(summary.review_output),
         "model": str(summary.model),
         "rows_read": summary.rows_read,
         "rows_tagged": summary.rows_written,
@@ -627,7 +683,10 @@ def tag_summary_record(summary, exit_code: int) -> dict:
         "history_rows": summary.history_rows,
         "rows_rejected": summary.rows_rejected,
         "rows_truncated": summary.rows_truncated,
+        "rows_needs_review": summary.review_rows,
+        "review_threshold": summary.review_threshold,
         "tag_counts": summary.tag_counts,
+        "drift": summary.drift,
         "executor": summary.executor,
         "seconds": round(summary.seconds, 3),
     }
@@ -674,6 +733,13 @@ def _print_tag_summary(console, summary) -> None:
         f"Model {summary.model}; embedded {where} with {summary.backend}; "
         f"{summary.seconds:.1f} s."
     )
+    console.print(
+        f"Review: {summary.review_rows} row(s) with confidence below "
+        f"{summary.review_threshold:.3f} -> {summary.review_output}"
+    )
+    from tagcli.monitor import render_drift
+
+    render_drift(console, summary.drift)
 
 
 @main.command(
@@ -696,6 +762,11 @@ def _print_tag_summary(console, summary) -> None:
 )
 @click.option("--overwrite", is_flag=True, help="Replace the --json file if it exists.")
 @backend_option
+@click.option(
+    "--feedback",
+    is_flag=True,
+    help="Evaluate on the corrections recorded by `tagcli feedback` instead of DATA.",
+)
 @encoding_option
 @output_options
 @click.pass_obj
@@ -706,15 +777,17 @@ def evaluate(
     json_path: Path | None,
     overwrite: bool,
     backend: str | None,
+    feedback: bool,
     encoding: str,
 ) -> None:
     """Evaluate a model on labeled DATA. Default: the model's validation split.
 
     Reports weighted precision, recall and F1, the same per tag and per slice,
-    and the confusion matrix. Warns when DATA overlaps the rows the head was
-    fitted on. DATA - reads standard input, CSV or Parquet.
+    and the confusion matrix, then the reliability table of the confidences
+    and the expected calibration error. Warns when DATA overlaps the rows the
+    head was fitted on. DATA - reads standard input, CSV or Parquet.
     """
-    from tagcli.evaluate import evaluate_model, render_metrics
+    from tagcli.evaluate import evaluate_model, render_metrics, render_reliability
 
     config = obj.config
     if backend:
@@ -728,8 +801,14 @@ def evaluate(
             exit_code=EXIT_USAGE,
         )
 
+    if feedback and data is not None:
+        raise TagcliError(
+            "Pass either DATA or --feedback, not both; --feedback evaluates the "
+            "recorded corrections.",
+            exit_code=EXIT_USAGE,
+        )
     with _input_context(data) if data is not None else nullcontext() as data_file:
-        report = evaluate_model(config, data_file, model_dir, encoding)
+        report = evaluate_model(config, data_file, model_dir, encoding, feedback)
     if data is not None and is_stdin(data):
         report["data"] = "-"
 
@@ -759,7 +838,16 @@ def evaluate(
         )
     if not obj.quiet:
         console.print(f"Model: {report['model']}\nData: {report['data']}")
+        if report["feedback"]:
+            sources = report["feedback"]
+            console.print(
+                f"Feedback rows: {sources['text_from_feedback']} with text from the "
+                f"feedback, {sources['text_from_training_data']} joined by id from "
+                f"{sources['training_data']}, {sources['without_text']} without text "
+                "(not evaluated)."
+            )
         render_metrics(console, report["metrics"], "Evaluation")
+        render_reliability(console, report["calibration"], "Reliability")
 
     if json_path is not None:
         text = json.dumps(report, indent=2) + "\n"
@@ -818,3 +906,80 @@ def history(obj: _Obj, clear: bool, yes: bool) -> None:
         console.print(
             f"embedding model: {current.embedding_model} ({current.dimension} dimensions)"
         )
+
+
+@main.command(
+    epilog=exit_codes_help(0, 1, 2, 3, 130, 143),
+    short_help="Record corrected tags from a CSV, Parquet or JSONL file.",
+)
+@click.argument("file", type=click.Path(path_type=Path))
+@encoding_option
+@output_options
+@click.pass_obj
+def feedback(obj: _Obj, file: Path, encoding: str) -> None:
+    """Record corrections from FILE in the state folder ([paths] state_dir).
+
+    FILE has the columns id and tag (the correct, approved tag), and optionally
+    note, title and description. Other columns are ignored, so an edited
+    `tagcli sample` file works as it is. A row whose id is not in the training
+    data needs a title or description to be trained on. The next `tagcli
+    train` applies the corrections; `tagcli eval --feedback` measures the
+    current model on them. A file with any invalid row records nothing.
+    """
+    from tagcli.feedback import record_feedback
+
+    check_encoding(encoding)
+    result = record_feedback(file, obj.config, encoding)
+    if not obj.quiet:
+        _console().print(
+            f"Recorded {result['recorded']} correction(s) in {result['store']} "
+            f"({result['ids_in_store']} id(s) corrected in all)."
+        )
+
+
+@main.command(
+    epilog=exit_codes_help(0, 1, 2, 3, 130, 143),
+    short_help="Draw rows from tagged output for labeling by hand.",
+)
+@click.argument("size", type=click.IntRange(min=1), metavar="N")
+@click.argument("tagged", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Sample file to write (.csv or .parquet).",
+)
+@click.option("--seed", type=int, default=42, show_default=True, help="Random seed.")
+@click.option(
+    "--per-tag-share",
+    type=click.FloatRange(min=0, max=1),
+    default=0.25,
+    show_default=True,
+    help="Share of N drawn at random, equally from each predicted tag; the rest "
+    "are the lowest-confidence rows.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace the output if it exists.")
+@output_options
+@click.pass_obj
+def sample(
+    obj: _Obj,
+    size: int,
+    tagged: Path,
+    output: Path,
+    seed: int,
+    per_tag_share: float,
+    overwrite: bool,
+) -> None:
+    """Draw N rows from TAGGED (output of `tagcli tag`) for manual checking.
+
+    Most rows are the lowest-confidence ones; some are drawn at random from
+    each predicted tag. The sample has every column of TAGGED plus
+    sample_reason. Correct its tag column and pass it to `tagcli feedback`.
+    """
+    from tagcli.feedback import draw_sample, write_sample
+
+    rows = draw_sample(tagged, size, seed, per_tag_share)
+    write_sample(rows, output, overwrite)
+    if not obj.quiet:
+        _console().print(f"Wrote {rows.height} row(s) to {output}.")

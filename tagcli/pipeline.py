@@ -21,10 +21,20 @@ from tagcli.backends import check_artifact_backend
 from tagcli.config import Config
 from tagcli.dedupe import DuplicateRun
 from tagcli.embed import ModelSpec
+from tagcli.errors import TagcliError
 from tagcli.history import history_lock
 from tagcli.model import Artifact, load_artifact, newest_artifact
 from tagcli.near import ROW_COLUMN, duplicate_schema
 from tagcli.numbered import numbered_dataset
+from tagcli.monitor import (
+    DISTANCE_COLUMN,
+    MONITOR_COLUMNS,
+    OOD_COLUMN,
+    REVIEW_COLUMN,
+    DriftMonitor,
+    flag_batch,
+    resolve_review_threshold,
+)
 from tagcli.progress import RowProgress
 from tagcli.reader import (
     InputSource,
@@ -51,7 +61,8 @@ EXECUTORS = ("auto", "ray", "local")
 
 def output_columns(tags: list[str]) -> list[str]:
     """Columns `tag` adds to every input row, in order."""
-    return ["tag", "confidence"] + [PROBABILITY_PREFIX + tag for tag in tags]
+    probabilities = [PROBABILITY_PREFIX + tag for tag in tags]
+    return ["tag", "confidence"] + probabilities + list(MONITOR_COLUMNS)
 
 
 class TagWorker:
@@ -117,18 +128,21 @@ def classify_batch(
     policy: RowPolicy | None = None,
     skip_rows=None,
 ):
-    """Return `batch` (an Arrow table) with tag, confidence and probability columns.
+    """Return `batch` (an Arrow table) with tag, confidence, probability and distance columns.
 
     With a `policy`, rows it rejects get null tag columns, and two marker
     columns record each rejected row's reason and each truncated row (see
     `tagcli.rows`). A batch with a `__row` column also gets an `__embedding`
     column for the near-duplicate search. Rows whose number is in `skip_rows`
-    (exact duplicates) are not embedded: their tag columns are null.
+    (exact duplicates) are not embedded: their tag columns are null. The distance
+    is each tagged row's cosine distance to the nearest training tag centroid;
+    the driver turns it into the out-of-distribution flag.
     """
     import numpy as np
     import pyarrow as pa
 
     from tagcli.embed import embed_texts
+    from tagcli.monitor import nearest_centroid_distance
     from tagcli.near import EMBEDDING_COLUMN
     from tagcli.rows import screen_texts
     from tagcli.text import compose_text
@@ -155,13 +169,20 @@ def classify_batch(
 
     tags = head.tags
     embeddings = embed_texts(encoder, tagged_texts, batch_size)
+    distances = np.full(len(texts), np.nan)
     if tagged_texts:
         probabilities = head.predict_proba(embeddings, tagged_texts)
+        distances[tagged_rows] = nearest_centroid_distance(
+            head.drift_reference, embeddings
+        )
     else:
         # scikit-learn rejects an empty feature matrix.
         probabilities = np.zeros((0, len(tags)))
 
     columns = _tag_columns(probabilities, tagged_rows, len(texts), tags)
+    columns[DISTANCE_COLUMN] = pa.array(
+        distances, pa.float64(), mask=np.isnan(distances)
+    )
     if screening is not None:
         columns[REJECT_MARKER] = pa.array(screening.reasons, pa.string())
         columns[TRUNCATED_MARKER] = pa.array(screening.truncated_rows, pa.bool_())
@@ -261,6 +282,10 @@ class TagSummary:
     renamed_columns: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     workers: int = 0
+    review_output: Path | None = None
+    review_threshold: float = 0.0
+    review_rows: int = 0
+    drift: dict = field(default_factory=dict)
 
 
 def duplicates_path(output_path: str | Path, folder_format: str) -> Path:
@@ -334,6 +359,10 @@ def tag(
         "Tagging %d rows from %s with executor %s", source.rows, source.path, executor
     )
 
+    review_threshold, monitor = _start_monitoring(artifact, config)
+    summary.review_output = review_output_path(output_path, options.folder_format)
+    summary.review_threshold = review_threshold
+
     writer = open_writer(
         output_path,
         options.overwrite,
@@ -355,6 +384,19 @@ def tag(
             raise
     use_history = not (options.no_history or options.keep_duplicates)
     policy = RowPolicy.from_config(config)
+    try:
+        review_writer = open_writer(
+            summary.review_output,
+            options.overwrite,
+            options.folder_format,
+            config.output.rows_per_file,
+        )
+    except BaseException:
+        writer.abort()
+        rejects.abort()
+        if duplicates_writer is not None:
+            duplicates_writer.abort()
+        raise
     counts: Counter[str] = Counter()
     batches = None
     duplicates = None
@@ -397,11 +439,16 @@ def tag(
                         batch, dropped = duplicates.split(batch)
                         duplicates_writer.write(dropped)
                     split = split_rejects(batch, renames, added)
-                    writer.write(split.tagged)
+                    tagged = flag_batch(
+                        split.tagged, review_threshold, monitor.ood_distance
+                    )
+                    writer.write(tagged)
+                    review_writer.write(tagged.filter(tagged.column(REVIEW_COLUMN)))
+                    monitor.update(tagged)
                     if split.rejected is not None:
                         rejects.write(split.rejected)
                     summary.rows_truncated += split.truncated
-                    counts.update(split.tagged.column("tag").to_pylist())
+                    counts.update(tagged.column("tag").to_pylist())
 
             if duplicates is not None:
                 summary.rows_duplicate_exact = duplicates.exact_count
@@ -427,6 +474,7 @@ def tag(
                     duplicate_schema([f for f in schema if f.name not in added])
                 )
             writer.commit(schema)
+            review_writer.commit(schema)
             # The history learns the rows only once the output is in place.
             if duplicates is not None:
                 duplicates.commit()
@@ -435,6 +483,7 @@ def tag(
         except BaseException:
             writer.abort()
             rejects.abort()
+            review_writer.abort()
             if duplicates_writer is not None:
                 duplicates_writer.abort()
             if duplicates is not None:
@@ -449,8 +498,38 @@ def tag(
     summary.rows_rejected = rejects.rows_written
     summary.rejects = rejects.path if rejects.rows_written else None
     summary.tag_counts = {name: counts.get(name, 0) for name in artifact.tags}
+    summary.review_rows = monitor.needs_review
+    summary.drift = monitor.report(
+        config.drift.psi_threshold, config.drift.ood_share_threshold
+    )
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def _start_monitoring(artifact: Artifact, config: Config):
+    """Return the review threshold and an empty DriftMonitor for a run."""
+    review_threshold = resolve_review_threshold(
+        config.review.threshold, artifact.manifest
+    )
+    reference = artifact.head.drift_reference
+    if reference is None:
+        raise TagcliError(
+            f"{artifact.path}: the model has no drift statistics, because an older "
+            "tagcli trained it; retrain it with `tagcli train DATA`."
+        )
+    ood_distance = reference.distance_at(config.drift.ood_quantile)
+    return review_threshold, DriftMonitor(reference, ood_distance)
+
+
+def review_output_path(output_path: str | Path, folder_format: str) -> Path:
+    """Return the review file beside an output: `NAME.review.EXT`.
+
+    A folder output `NAME/` gets one file `NAME.review.<folder_format>`.
+    """
+    path = Path(output_path)
+    if is_folder_output(output_path):
+        return path.with_name(f"{path.name}.review.{folder_format}")
+    return path.with_name(f"{path.stem}.review{path.suffix}")
 
 
 def _local_batches(
@@ -620,5 +699,7 @@ def _output_schema(source: InputSource, renames: dict, added: list[str]):
         if not f.name.startswith("__")
     ]
     fields.append(pa.field("tag", pa.string()))
-    fields.extend(pa.field(name, pa.float64()) for name in added[1:])
+    for name in added[1:]:
+        is_flag = name in (OOD_COLUMN, REVIEW_COLUMN)
+        fields.append(pa.field(name, pa.bool_() if is_flag else pa.float64()))
     return pa.schema(fields)

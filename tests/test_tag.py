@@ -21,7 +21,11 @@ def test_parquet_in_parquet_out(tmp_path, small_model):
     source = pl.read_parquet(SAMPLE_BATCH)
     tagged = read_output(output)
     assert (
-        tagged.columns == source.columns + ["tag", "confidence"] + PROBABILITY_COLUMNS
+        tagged.columns
+        == source.columns
+        + ["tag", "confidence"]
+        + PROBABILITY_COLUMNS
+        + ["centroid_distance", "out_of_distribution", "needs_review"]
     )
     assert tagged.height == source.height
     assert tagged["id"].to_list() == source["id"].to_list()
@@ -178,13 +182,9 @@ def test_local_and_ray_paths_agree(tmp_path, small_model):
     local_rows = read_output(local)
     ray_rows = read_output(on_ray)
     assert local_rows.columns == ray_rows.columns
-    assert local_rows.drop(PROBABILITY_COLUMNS + ["confidence"]).equals(
-        ray_rows.drop(PROBABILITY_COLUMNS + ["confidence"])
-    )
-    difference = (
-        local_rows.select(PROBABILITY_COLUMNS).to_numpy()
-        - ray_rows.select(PROBABILITY_COLUMNS).to_numpy()
-    )
+    floats = PROBABILITY_COLUMNS + ["confidence", "centroid_distance"]
+    assert local_rows.drop(floats).equals(ray_rows.drop(floats))
+    difference = local_rows.select(floats).to_numpy() - ray_rows.select(floats).to_numpy()
     assert abs(difference).max() < 1e-5
 
 
