@@ -1,4 +1,4 @@
-"""Drift statistics, the review threshold and calibration, on arrays with known answers."""
+"""Drift statistics, the review threshold and calibration, on arrays with known results."""
 
 from __future__ import annotations
 
