@@ -438,9 +438,10 @@ TAG_HELP = """Tag every row of INPUT with one approved tag.
 \b
 INPUT is a CSV or Parquet file, or a folder of them, with the columns id,
 title and description; - reads standard input (then -o is required). The
-output contains every input column plus tag, confidence and one prob_<tag>
-column per approved tag. -o names a .csv or .parquet file, or a folder
-(ending with /) of part files.
+output contains every input column plus tag, confidence, one prob_<tag>
+column per approved tag, centroid_distance, out_of_distribution and
+needs_review. -o names a .csv or .parquet file, or a folder (ending with /)
+of part files.
 
 \b
 Rows with no title and no description, or with more tokens than the model
@@ -476,7 +477,8 @@ A progress bar shows on a terminal; otherwise a log line every 10 s.
 Review and drift: rows with confidence below [review] threshold get
 needs_review = true and also go to OUTPUT.review.EXT beside the output. Rows
 farther from the training data than [drift] ood_quantile of the training
-rows get out_of_distribution = true. The summary shows the drift table.
+rows get out_of_distribution = true. The summary shows the drift table;
+with --fail-on-drift, a drifted batch exits with status 5.
 """
 
 
