@@ -128,7 +128,7 @@ def classify_batch(
     policy: RowPolicy | None = None,
     skip_rows=None,
 ):
-    """Return `batch` (an Arrow table) with tag, confidence, probability and distance columns.
+    """Return `batch` (an Arrow table) with the tag columns and the centroid distance.
 
     With a `policy`, rows it rejects get null tag columns, and two marker
     columns record each rejected row's reason and each truncated row (see
