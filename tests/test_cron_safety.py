@@ -41,8 +41,14 @@ def wait_for_written_rows(folder: Path, process: subprocess.Popen) -> Path:
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         assert process.poll() is None, "tagcli ended before it could be stopped"
-        partials = [path for path in folder.glob(".*") if path.is_file()]
-        if partials and partials[0].stat().st_size > 0:
+        # The output and the review file each have a hidden temporary file;
+        # the review file's stays empty while no row needs review.
+        partials = [
+            path
+            for path in folder.glob(".*")
+            if path.is_file() and path.stat().st_size > 0
+        ]
+        if partials:
             return partials[0]
         time.sleep(0.2)
     raise AssertionError("tagcli wrote no rows within 600 s")
