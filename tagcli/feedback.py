@@ -1,7 +1,7 @@
 """Corrections from users and reviewers, and samples of tagged rows to label.
 
-`tagcli feedback FILE` appends validated corrections to `feedback.jsonl` in
-the state folder (`[paths] state_dir`). When an id is recorded more than once,
+`tagcli feedback FILE` appends validated corrections to
+`feedback/feedback.jsonl` in the state folder (`[paths] state_dir`). When an id is recorded more than once,
 the latest record wins. `tagcli train` applies the stored corrections to its
 labeled data, and `tagcli eval --feedback` measures the current model on them.
 `tagcli sample` draws rows from tagged output for someone to check by hand.
@@ -19,6 +19,9 @@ from tagcli.errors import EXIT_USAGE, TagcliError
 
 log = logging.getLogger(__name__)
 
+# A subfolder, because the duplicate history deletes the files at the top of
+# the state folder that its index does not list.
+STORE_FOLDER = "feedback"
 STORE_FILE = "feedback.jsonl"
 FEEDBACK_COLUMNS = ("id", "tag")
 OPTIONAL_COLUMNS = ("note", "title", "description")
@@ -26,7 +29,7 @@ SAMPLE_REASON_COLUMN = "sample_reason"
 
 
 def store_path(config) -> Path:
-    return Path(config.paths.state_dir) / STORE_FILE
+    return Path(config.paths.state_dir) / STORE_FOLDER / STORE_FILE
 
 
 def _text(value) -> str:

@@ -18,7 +18,7 @@ def config(tmp_path):
 
 
 def store_lines(tmp_path) -> list[dict]:
-    store = tmp_path / "state" / "feedback.jsonl"
+    store = tmp_path / "state" / "feedback" / "feedback.jsonl"
     return [json.loads(line) for line in store.read_text().splitlines()]
 
 
@@ -61,7 +61,22 @@ def test_unapproved_tag_is_rejected(tmp_path, config):
     assert "data rows 2 ('robotics')" in result.output
     assert "not approved" in result.output
     assert "natural-language-processing, computer-vision, mlops, other" in result.output
-    assert not (tmp_path / "state" / "feedback.jsonl").exists()
+    assert not (tmp_path / "state" / "feedback" / "feedback.jsonl").exists()
+
+
+def test_feedback_survives_tag_history(tmp_path, small_model, config):
+    corrections = tmp_path / "fix.csv"
+    corrections.write_text("id,tag\n17,mlops\n")
+    assert run_cli("feedback", corrections, config=config).exit_code == 0
+
+    result = run_cli(
+        "tag", SAMPLE_BATCH, "-o", tmp_path / "tagged.parquet", "--model",
+        small_model, config=config,
+    )
+
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "state" / "index.json").exists()
+    assert [line["id"] for line in store_lines(tmp_path)] == ["17"]
 
 
 def test_empty_id_is_rejected(tmp_path, config):
