@@ -111,8 +111,10 @@ def test_missing_tag_column(tmp_path, config):
 
 def _tag_rows(tmp_path, data, model, config, name):
     output = tmp_path / f"{name}.csv"
+    # --keep-duplicates: the second run must tag the rows the first one did.
     result = run_cli(
-        "tag", data, "-o", output, "--model", model, "--overwrite", config=config
+        "tag", data, "-o", output, "--model", model, "--overwrite",
+        "--keep-duplicates", config=config,
     )
     assert result.exit_code == 0, result.output
     return read_output(output)

@@ -14,7 +14,12 @@ EXIT_DRIFT = 5
 
 @pytest.fixture(scope="module")
 def heldout_model(tmp_path_factory) -> tuple:
-    """A model trained on the sample rows that are not in sample_data/batch.parquet."""
+    """A model trained on the sample rows that are not in sample_data/batch.parquet.
+
+    Its config's state folder is shared by the tests in this module, so they
+    tag with --keep-duplicates: otherwise a batch tagged twice is dropped as
+    duplicates of the history the first run recorded.
+    """
     folder = tmp_path_factory.mktemp("heldout-model")
     batch_ids = pl.read_parquet(SAMPLE_BATCH)["id"].cast(pl.Utf8).to_list()
     training = pl.read_csv(SAMPLE_CSV, infer_schema=False).filter(
@@ -40,7 +45,7 @@ def test_sample_batch_shows_no_drift(tmp_path, heldout_model):
     output = tmp_path / "tagged.parquet"
 
     result = run_cli(
-        "tag", SAMPLE_BATCH, "-o", output, "--model", model, "--fail-on-drift",
+        "tag", SAMPLE_BATCH, "-o", output, "--model", model, "--fail-on-drift", "--keep-duplicates",
         config=config,
     )
 
@@ -55,7 +60,7 @@ def test_offtopic_batch_is_drifted(tmp_path, heldout_model, offtopic_csv):
     output = tmp_path / "tagged.parquet"
 
     result = run_cli(
-        "tag", offtopic_csv, "-o", output, "--model", model, "--fail-on-drift",
+        "tag", offtopic_csv, "-o", output, "--model", model, "--fail-on-drift", "--keep-duplicates",
         config=config,
     )
 
@@ -84,7 +89,10 @@ def test_review_file_is_rows_below_threshold(tmp_path, heldout_model):
         "threshold"
     ]
 
-    result = run_cli("tag", SAMPLE_BATCH, "-o", output, "--model", model, config=config)
+    result = run_cli(
+        "tag", SAMPLE_BATCH, "-o", output, "--model", model, "--keep-duplicates",
+        config=config,
+    )
 
     assert result.exit_code == 0, result.output
     tagged = read_output(output)
