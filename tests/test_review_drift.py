@@ -45,8 +45,8 @@ def test_sample_batch_shows_no_drift(tmp_path, heldout_model):
     output = tmp_path / "tagged.parquet"
 
     result = run_cli(
-        "tag", SAMPLE_BATCH, "-o", output, "--model", model, "--fail-on-drift", "--keep-duplicates",
-        config=config,
+        "tag", SAMPLE_BATCH, "-o", output, "--model", model, "--fail-on-drift",
+        "--keep-duplicates", config=config,
     )
 
     assert result.exit_code == 0, result.output
@@ -60,8 +60,8 @@ def test_offtopic_batch_is_drifted(tmp_path, heldout_model, offtopic_csv):
     output = tmp_path / "tagged.parquet"
 
     result = run_cli(
-        "tag", offtopic_csv, "-o", output, "--model", model, "--fail-on-drift", "--keep-duplicates",
-        config=config,
+        "tag", offtopic_csv, "-o", output, "--model", model, "--fail-on-drift",
+        "--keep-duplicates", config=config,
     )
 
     assert result.exit_code == EXIT_DRIFT, result.output
