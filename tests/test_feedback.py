@@ -236,7 +236,9 @@ def test_eval_reports_calibration(tmp_path, small_model):
 @pytest.fixture(scope="module")
 def tagged_batch(tmp_path_factory, small_model):
     output = tmp_path_factory.mktemp("tagged") / "batch.tagged.parquet"
-    result = run_cli("tag", SAMPLE_BATCH, "-o", output, "--model", small_model)
+    result = run_cli(
+        "tag", SAMPLE_BATCH, "-o", output, "--model", small_model, "--keep-duplicates"
+    )
     assert result.exit_code == 0, result.output
     return output
 

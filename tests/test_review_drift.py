@@ -75,7 +75,9 @@ def test_offtopic_batch_is_drifted(tmp_path, heldout_model, offtopic_csv):
 def test_drift_without_flag_exits_zero(tmp_path, small_model, offtopic_csv):
     output = tmp_path / "tagged.csv"
 
-    result = run_cli("tag", offtopic_csv, "-o", output, "--model", small_model)
+    result = run_cli(
+        "tag", offtopic_csv, "-o", output, "--model", small_model, "--keep-duplicates"
+    )
 
     assert result.exit_code == 0, result.output
     assert "Drift: yes" in result.output
