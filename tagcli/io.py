@@ -105,15 +105,34 @@ def locate_csv_problem(path: Path, encoding: str) -> str | None:
             offset += len(raw)
 
     with path.open(newline="", encoding=codec) as handle:
-        reader = csv.reader(handle)
+        # The lines of the record being parsed, to look at its first line.
+        record_lines: list[str] = []
+
+        def remembered(lines):
+            for line in lines:
+                record_lines.append(line)
+                yield line
+
+        reader = csv.reader(remembered(handle))
         header = next(reader, [])
+        start_line = reader.line_num + 1
+        record_lines.clear()
         for row_number, row in enumerate(reader, start=1):
+            # An odd number of quotes on the first line of a ragged record means
+            # a quote opened there ran on into later lines.
+            if row and len(row) != len(header) and record_lines[0].count('"') % 2:
+                return (
+                    f"unclosed quote starting at line {start_line}; close the "
+                    'quote or escape it (write a quote inside a field as "")'
+                )
             if row and len(row) != len(header):
                 return (
                     f"data row {row_number} (line {reader.line_num}) has {len(row)} "
                     f"fields but the header has {len(header)}; quote fields that "
                     "contain commas, or fix the row"
                 )
+            start_line = reader.line_num + 1
+            record_lines.clear()
     return None
 
 

@@ -8,6 +8,7 @@ save the artifact.
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from collections import Counter
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 LABELED_COLUMNS = ("id", "title", "description", "tag")
 # At least this many rows per tag, so a stratified split leaves one on each side.
 MIN_ROWS_PER_TAG = 2
+# At least this many rows per tag in the training split, one per fold of the
+# smallest (2-fold) cross-validation.
+MIN_TRAIN_ROWS_PER_TAG = 2
 # Column of the labeled frame with the original tag of each row mapped to the
 # fallback tag, null for rows whose tag is approved.
 MAPPED_FROM = "mapped_from"
@@ -155,6 +159,45 @@ def check_trainable(path: Path, tags: list[str], config: Config) -> None:
             f"row(s), fewer than the {len(counts)} tags; add rows or raise "
             "[train] validation_fraction."
         )
+    _check_train_split(path, tags, config)
+
+
+def _check_train_split(path: Path, tags: list[str], config: Config) -> None:
+    """Raise TagcliError unless the split leaves every tag 2 training rows.
+
+    Cross-validation picks C with at least 2 stratified folds (fewer than
+    [train] cv_folds when a tag is small), and every fold's training part needs
+    each tag, so each tag needs 2 rows in the training split. The split here
+    is the same seeded one that `train` makes, run on the labels alone.
+    """
+    from sklearn.model_selection import train_test_split
+
+    train_tags, _ = train_test_split(
+        tags,
+        test_size=config.train.validation_fraction,
+        stratify=tags,
+        random_state=config.train.seed,
+    )
+    train_counts = Counter(train_tags)
+    short = sorted(
+        tag for tag in set(tags) if train_counts[tag] < MIN_TRAIN_ROWS_PER_TAG
+    )
+    if not short:
+        return
+    needed = MIN_TRAIN_ROWS_PER_TAG + 1
+    fraction = config.train.validation_fraction
+    while needed - math.ceil(needed * fraction) < MIN_TRAIN_ROWS_PER_TAG:
+        needed += 1
+    per_tag = ", ".join(f"{tag} {n}" for tag, n in sorted(Counter(tags).items()))
+    raise TagcliError(
+        f"{path}: too few rows for the validation split and cross-validation; "
+        f"rows per tag: {per_tag}. After the validation split "
+        f"([train] validation_fraction = {config.train.validation_fraction}) "
+        f"tag(s) {', '.join(short)} keep fewer than {MIN_TRAIN_ROWS_PER_TAG} "
+        f"training rows, and 2-fold cross-validation needs "
+        f"{MIN_TRAIN_ROWS_PER_TAG} per tag. Add rows to those tags (about "
+        f"{needed} or more each) or drop them from the data."
+    )
 
 
 @dataclass

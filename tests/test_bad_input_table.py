@@ -381,6 +381,33 @@ CASES = [
         "the file is empty (0 bytes)",
     ),
     BadInput(
+        "tag-unclosed-quote",
+        "tag",
+        csv_file("open.csv", TAG_HEADER + '1,"Unclosed quote,desc\n2,Second,row\n'),
+        3,
+        "unclosed quote starting at line 2; close the quote or escape it",
+    ),
+    BadInput(
+        "tag-unclosed-quote-at-end",
+        "tag",
+        csv_file("open.csv", TAG_HEADER + '1,"Unclosed quote,desc\n'),
+        3,
+        "unclosed quote starting at line 2; close the quote or escape it",
+    ),
+    BadInput(
+        "train-too-few-rows-for-cv",
+        "train",
+        csv_file(
+            "labels.csv",
+            labeled_rows(
+                GOOD_ROWS[:2]
+                + [(f"Other post {i}", f"misc topic {i}", "other") for i in range(6)]
+            ),
+        ),
+        3,
+        "rows per tag: computer-vision 2, other 6",
+    ),
+    BadInput(
         "eval-missing-tag-column",
         "eval",
         parquet_file(
