@@ -446,8 +446,8 @@ of part files.
 \b
 Rows with no title and no description, or with more tokens than the model
 reads, follow [rows] in tagcli.toml: tagged, or written with a reason column
-to OUTPUT.rejects.csv or .parquet beside the output (only when there are
-such rows). Rows read = tagged + duplicates + rejected.
+to OUTPUT.rejects.csv or .parquet beside the output (a folder output
+out/NAME/ gets out/NAME-rejects.EXT) only when there are such rows. Rows read = tagged + duplicates + rejected.
 
 \b
 Where the embedding runs (--executor):
@@ -465,8 +465,9 @@ change tag.
 Duplicates: rows with the same title and description as an earlier row
 (after normalising case, spacing, punctuation and URLs), or whose embedding
 has a cosine similarity of at least [dedupe] near_threshold to one, are not
-tagged. They go to NAME.duplicates.EXT beside the output, with the id kept in
-duplicate_of. The earliest row by created_on, then input order, is kept.
+tagged. They go to NAME.duplicates.EXT beside the output (a folder output
+out/NAME/ gets out/NAME-duplicates.EXT) only when there are duplicates, with
+the id kept in duplicate_of. The earliest row by created_on, then input order, is kept.
 Rows tagged by earlier runs are remembered in [paths] state_dir, so a later
 run drops them too; see `tagcli history`.
 
@@ -499,7 +500,9 @@ with --fail-on-drift, a drifted batch exits with status 5.
 @click.option(
     "--overwrite",
     is_flag=True,
-    help="Replace the output, and its rejects file, if they exist.",
+    help="Replace the output and its rejects and duplicates files if they exist; "
+    "stale rejects or duplicates files are removed when this run has none. "
+    "The input itself is never replaced.",
 )
 @click.option(
     "--input-format",
@@ -720,7 +723,10 @@ def _print_tag_summary(console, summary) -> None:
     if summary.duplicates_output is not None:
         console.print(f"Duplicates written to {summary.duplicates_output}.")
     if summary.history_rows is not None:
-        console.print(f"History: {summary.history_rows} rows remembered.")
+        console.print(
+            f"History: {summary.history_rows_added} rows added, "
+            f"{summary.history_rows} in total."
+        )
     if summary.renamed_columns:
         renamed = ", ".join(
             f"{old} -> {new}" for old, new in summary.renamed_columns.items()
@@ -824,18 +830,25 @@ def evaluate(
         )
     if report["leak"]["overlapping_rows"]:
         leak = report["leak"]
+        refit = leak["fitted_on"] == "all_rows"
         fitted = (
             "all training rows, validation split included"
-            if leak["fitted_on"] == "all_rows"
+            if refit
             else "the training split"
         )
+        advice = "For clean numbers, evaluate rows held out from training."
+        if refit:
+            advice = (
+                "The validation F1 measured before the refit was "
+                f"{report['validation_f1_at_training']:.3f}. For clean numbers, "
+                "evaluate rows held out from training, or train with [train] "
+                "refit_on_all = false."
+            )
         click.echo(
             f"Warning: {leak['overlapping_rows']} of {report['metrics']['overall']['rows']} "
             "evaluation rows have the same title and description as rows the saved "
             f"head was fitted on ({fitted}). This data leak inflates the metrics "
-            "below. The validation F1 measured before the refit was "
-            f"{report['validation_f1_at_training']:.3f}. For clean numbers, evaluate "
-            "rows held out from training, or train with [train] refit_on_all = false.",
+            f"below. {advice}",
             err=True,
         )
     if not obj.quiet:
@@ -864,7 +877,9 @@ def evaluate(
 
 @main.command(
     name="history",
-    epilog=exit_codes_help(0, 1, 2, 75),
+    epilog=exit_codes_help(0, 1, 2, 75)
+    + "  Exit code 2 also means --clear was declined or got no answer\n"
+    "  (standard input not a terminal, without --yes); nothing was cleared.\n",
     short_help="Show or clear the history of content already tagged.",
 )
 @click.option(
@@ -888,11 +903,21 @@ def history(obj: _Obj, clear: bool, yes: bool) -> None:
     current = read_history(state_dir)
     if clear:
         if not yes:
-            click.confirm(
-                f"Forget {current.rows} rows tagged before, in {state_dir}?",
-                abort=True,
-                err=True,
-            )
+            try:
+                confirmed = click.confirm(
+                    f"Forget {current.rows} rows tagged before, in {state_dir}?",
+                    err=True,
+                )
+            except click.Abort:
+                # Standard input ended before the prompt got a reply.
+                confirmed = False
+            if not confirmed:
+                raise TagcliError(
+                    f"{state_dir}: nothing was cleared, because the confirmation "
+                    "was declined or standard input ended. Pass --yes to clear "
+                    "without asking when standard input is not a terminal.",
+                    exit_code=EXIT_USAGE,
+                )
         current = clear_history(state_dir, config.dedupe.lock_timeout_seconds)
         if not obj.quiet:
             _console().print(f"Cleared the history in {state_dir}.")

@@ -177,7 +177,10 @@ class Config:
                 f"got {self.train.validation_fraction}."
             )
         if self.train.cv_folds < 2:
-            raise ConfigError(f"{where}: [train] cv_folds must be at least 2.")
+            raise ConfigError(
+                f"{where}: [train] cv_folds must be at least 2, "
+                f"got {self.train.cv_folds}."
+            )
         grid = self.train.c_grid
         numeric = all(
             isinstance(c, (int, float)) and not isinstance(c, bool) for c in grid
@@ -199,13 +202,25 @@ class Config:
                 f"{where}: [embedding] backend must be one of {', '.join(BACKENDS)}, "
                 f"got {self.embedding.backend!r}."
             )
-        if self.embedding.batch_size < 1 or self.ray.batch_size < 1:
-            raise ConfigError(f"{where}: batch_size must be a positive integer.")
-        if self.ray.max_local_rows < 0 or self.output.rows_per_file < 1:
-            raise ConfigError(
-                f"{where}: [ray] max_local_rows must not be negative and "
-                "[output] rows_per_file must be positive."
-            )
+        positive = [
+            ("[embedding] batch_size", self.embedding.batch_size),
+            ("[ray] batch_size", self.ray.batch_size),
+            ("[output] rows_per_file", self.output.rows_per_file),
+        ]
+        for key, value in positive:
+            if value < 1:
+                raise ConfigError(
+                    f"{where}: {key} must be a positive integer, got {value}."
+                )
+        not_negative = [
+            ("[ray] max_local_rows", self.ray.max_local_rows),
+            ("[dedupe] lock_timeout_seconds", self.dedupe.lock_timeout_seconds),
+            ("[dedupe] exact_search_max_rows", self.dedupe.exact_search_max_rows),
+            ("[ray] num_workers", self.ray.num_workers),
+        ]
+        for key, value in not_negative:
+            if value < 0:
+                raise ConfigError(f"{where}: {key} must not be negative, got {value}.")
         if self.rows.empty_text not in ("reject", "tag"):
             raise ConfigError(
                 f'{where}: [rows] empty_text must be "reject" or "tag", '
@@ -221,19 +236,10 @@ class Config:
                 f"{where}: [dedupe] near_threshold must be above 0 and at most 1, "
                 f"got {self.dedupe.near_threshold}."
             )
-        if (
-            self.dedupe.lock_timeout_seconds < 0
-            or self.dedupe.exact_search_max_rows < 0
-        ):
-            raise ConfigError(
-                f"{where}: [dedupe] lock_timeout_seconds and exact_search_max_rows "
-                "must not be negative."
-            )
-        if self.ray.num_workers < 0:
-            raise ConfigError(f"{where}: [ray] num_workers must not be negative.")
         if self.ray.cpus_per_worker < 0 and self.ray.cpus_per_worker != -1:
             raise ConfigError(
-                f"{where}: [ray] cpus_per_worker must be -1 (automatic) or at least 0."
+                f"{where}: [ray] cpus_per_worker must be -1 (automatic) or at least 0, "
+                f"got {self.ray.cpus_per_worker}."
             )
         self._validate_monitoring(where)
 

@@ -343,8 +343,11 @@ def check_output_folder(target: Path, overwrite: bool = False) -> None:
     )
 
 
-def newest_artifact(models_dir: Path) -> Path:
-    """Return the newest artifact folder under `models_dir`, or raise TagcliError."""
+def newest_artifact(models_dir: Path, config_source: Path | None = None) -> Path:
+    """Return the newest artifact folder under `models_dir`, or raise TagcliError.
+
+    `config_source` is the tagcli.toml that set `models_dir`, None for the default.
+    """
     models_dir = Path(models_dir)
     candidates = []
     if models_dir.is_dir():
@@ -357,7 +360,8 @@ def newest_artifact(models_dir: Path) -> Path:
         )
     if not candidates:
         raise TagcliError(
-            f"No trained model found in {models_dir}; run `tagcli train DATA` first, "
+            f"No trained model found in {models_dir} ([paths] models_dir from "
+            f"{config_source or 'the default'}); run `tagcli train DATA` first, "
             "or pass --model DIR."
         )
     return candidates[-1]
@@ -390,6 +394,11 @@ def load_artifact(path: Path, approved_tags: list[str]) -> Artifact:
 
     path = Path(path)
     manifest_path = path / MANIFEST_FILE
+    if not path.exists():
+        raise TagcliError(
+            f"{path}: model folder not found; pass a folder written by "
+            "`tagcli train` with --model."
+        )
     if not manifest_path.is_file():
         raise TagcliError(
             f"{path}: not a tagcli model folder ({MANIFEST_FILE} not found); "

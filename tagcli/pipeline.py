@@ -24,7 +24,7 @@ from tagcli.embed import ModelSpec
 from tagcli.errors import TagcliError
 from tagcli.history import history_lock
 from tagcli.model import Artifact, load_artifact, newest_artifact
-from tagcli.near import ROW_COLUMN, duplicate_schema
+from tagcli.near import ROW_COLUMN
 from tagcli.numbered import numbered_dataset
 from tagcli.monitor import (
     DISTANCE_COLUMN,
@@ -50,7 +50,12 @@ from tagcli.rows import (
     rejects_path,
     split_rejects,
 )
-from tagcli.writer import RejectsWriter, is_folder_output, open_writer
+from tagcli.writer import (
+    RejectsWriter,
+    check_output_apart,
+    is_folder_output,
+    open_writer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -274,10 +279,12 @@ class TagSummary:
     rows_truncated: int = 0
     # The rejects file, or None when no row was rejected.
     rejects: Path | None = None
-    # The duplicates file, or None with --keep-duplicates.
+    # The duplicates file, or None with --keep-duplicates or no duplicates.
     duplicates_output: Path | None = None
     # Rows in the history after this run, or None without the history.
     history_rows: int | None = None
+    # Rows this run added to the history, or None without the history.
+    history_rows_added: int | None = None
     tag_counts: dict[str, int] = field(default_factory=dict)
     renamed_columns: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
@@ -291,17 +298,22 @@ class TagSummary:
 def duplicates_path(output_path: str | Path, folder_format: str) -> Path:
     """Return the duplicates file beside the output: NAME.duplicates.EXT.
 
-    A folder output `out/NAME/` gets `out/NAME.duplicates.<folder_format>`.
+    A folder output `out/NAME/` gets `out/NAME-duplicates.<folder_format>`,
+    which no file output's `.duplicates.` name can equal.
     """
     if is_folder_output(output_path):
         folder = Path(output_path)
-        return folder.with_name(f"{folder.name}.duplicates.{folder_format}")
+        return folder.with_name(f"{folder.name}-duplicates.{folder_format}")
     path = Path(output_path)
     return path.with_name(f"{path.stem}.duplicates{path.suffix}")
 
 
 def resolve_artifact(config: Config, model_dir: Path | None) -> Artifact:
-    path = Path(model_dir) if model_dir else newest_artifact(config.paths.models_dir)
+    path = (
+        Path(model_dir)
+        if model_dir
+        else newest_artifact(config.paths.models_dir, config.source)
+    )
     return load_artifact(path, config.tags.approved)
 
 
@@ -339,6 +351,7 @@ def tag(
     artifact = resolve_artifact(config, options.model_dir)
     check_artifact_backend(artifact, config.embedding.backend)
     source = open_source(Path(input_path), INPUT_COLUMNS, options.encoding)
+    check_output_apart(source.path, output_path)
 
     added = output_columns(artifact.tags)
     renames = {name: f"input_{name}" for name in source.columns if name in added}
@@ -374,10 +387,11 @@ def tag(
     )
     duplicates_writer = None
     if not options.keep_duplicates:
-        summary.duplicates_output = duplicates_path(output_path, options.folder_format)
         try:
-            duplicates_writer = open_writer(
-                summary.duplicates_output, options.overwrite, "", 1
+            duplicates_writer = RejectsWriter(
+                duplicates_path(output_path, options.folder_format),
+                options.overwrite,
+                "duplicates",
             )
         except BaseException:
             writer.abort()
@@ -437,7 +451,8 @@ def tag(
                     progress.advance(batch.num_rows)
                     if duplicates is not None:
                         batch, dropped = duplicates.split(batch)
-                        duplicates_writer.write(dropped)
+                        if dropped.num_rows:
+                            duplicates_writer.write(dropped)
                     split = split_rejects(batch, renames, added)
                     tagged = flag_batch(
                         split.tagged, review_threshold, monitor.ood_distance
@@ -470,16 +485,18 @@ def tag(
             rejects.commit()
             schema = _output_schema(source, renames, added)
             if duplicates_writer is not None:
-                duplicates_writer.commit(
-                    duplicate_schema([f for f in schema if f.name not in added])
-                )
+                duplicates_writer.commit()
             writer.commit(schema)
             review_writer.commit(schema)
             # The history learns the rows only once the output is in place.
             if duplicates is not None:
+                history_before = duplicates.history
                 duplicates.commit()
                 if duplicates.history is not None:
                     summary.history_rows = duplicates.history.rows
+                    summary.history_rows_added = (
+                        duplicates.history.rows - history_before.rows
+                    )
         except BaseException:
             writer.abort()
             rejects.abort()
@@ -497,6 +514,8 @@ def tag(
     summary.rows_written = writer.rows_written
     summary.rows_rejected = rejects.rows_written
     summary.rejects = rejects.path if rejects.rows_written else None
+    if duplicates_writer is not None and duplicates_writer.rows_written:
+        summary.duplicates_output = duplicates_writer.path
     summary.tag_counts = {name: counts.get(name, 0) for name in artifact.tags}
     summary.review_rows = monitor.needs_review
     summary.drift = monitor.report(

@@ -132,11 +132,11 @@ def split_rejects(batch, renames: dict[str, str], added: list[str]) -> SplitBatc
 def rejects_path(output: str | Path, folder_format: str) -> Path:
     """Return the rejects file beside `output`: OUT.rejects.EXT.
 
-    A file output keeps its extension; a folder output gets one file in the
-    part files' format.
+    A file output keeps its extension; a folder output `out/NAME/` gets
+    `out/NAME-rejects.<part format>`, which no file output's name can equal.
     """
     text = str(output).rstrip("/" + os.sep)
     path = Path(text)
     if str(output).endswith(("/", os.sep)) or path.is_dir() or not path.suffix:
-        return path.with_name(f"{path.name}.rejects.{folder_format}")
+        return path.with_name(f"{path.name}-rejects.{folder_format}")
     return path.with_name(f"{path.stem}.rejects{path.suffix}")

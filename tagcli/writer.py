@@ -126,6 +126,26 @@ def is_folder_output(path: Path) -> bool:
     return Path(path).is_dir() or str(path).endswith(("/", os.sep))
 
 
+def check_output_apart(input_path: Path, output_path: str | Path) -> None:
+    """Raise TagcliError when the output would replace or sit inside the input.
+
+    Applies with --overwrite too, because replacing the input loses its rows.
+    Standard input ("-") has no path to compare.
+    """
+    if str(input_path) == "-":
+        return
+    source = Path(input_path).resolve()
+    target = Path(str(output_path).rstrip("/" + os.sep) or "/").resolve()
+    inside_input = source.is_dir() and target.is_relative_to(source)
+    input_inside = is_folder_output(output_path) and source.is_relative_to(target)
+    if target == source or inside_input or input_inside:
+        raise TagcliError(
+            f"{output_path}: the output would replace or sit inside the input "
+            f"{input_path}, even with --overwrite; choose an output path outside it.",
+            exit_code=EXIT_USAGE,
+        )
+
+
 def open_writer(
     path: str | Path, overwrite: bool, folder_format: str, rows_per_file: int
 ):
@@ -154,7 +174,7 @@ def open_writer(
 
 
 class RejectsWriter:
-    """Write rejected rows to one CSV or Parquet file beside the output.
+    """Write rejected (or duplicate) rows to one CSV or Parquet file beside the output.
 
     The file is created only when the first rejected row arrives, through a
     temporary file like the output. An existing rejects file is an error
@@ -162,11 +182,11 @@ class RejectsWriter:
     run rejected nothing, so no stale rejects stay beside a new output.
     """
 
-    def __init__(self, path: Path, overwrite: bool) -> None:
+    def __init__(self, path: Path, overwrite: bool, kind: str = "rejects") -> None:
         self.path = Path(path)
         if self.path.exists() and not overwrite:
             raise TagcliError(
-                f"{self.path}: the rejects file of this output exists; pass "
+                f"{self.path}: the {kind} file of this output exists; pass "
                 "--overwrite to replace both, or choose another path with -o.",
                 exit_code=EXIT_USAGE,
             )

@@ -69,4 +69,28 @@ def test_eval_without_any_model(tmp_path):
     result = run_cli("eval", config=config)
     assert result.exit_code == 3
     assert "No trained model found" in result.output
+    assert f"[paths] models_dir from {config}" in result.output
     assert "tagcli train" in result.output
+
+
+def test_missing_model_folder(tmp_path):
+    config = write_config(tmp_path)
+    source = tmp_path / "in.csv"
+    source.write_text("id,title,description\n1,a,b\n")
+
+    result = run_cli(
+        "tag", source, "-o", tmp_path / "out.csv", "--model", tmp_path / "nope",
+        config=config,
+    )
+
+    assert result.exit_code == 3
+    assert "model folder not found" in result.output
+    assert "manifest.json" not in result.output
+
+
+def test_range_error_names_file_key_value(tmp_path):
+    config = write_config(tmp_path, ray={"batch_size": -5})
+    result = run_cli("eval", config=config)
+    assert result.exit_code == 2
+    assert str(config) in result.output
+    assert "[ray] batch_size must be a positive integer, got -5" in result.output

@@ -178,7 +178,7 @@ def test_csv_folder_on_ray_numbers_rows(tmp_path, small_model, duplicate_batch):
     check_duplicates_of_batch(output, tmp_path / "tagged.duplicates.csv")
 
 
-def test_empty_input_writes_empty_files(tmp_path, small_model, duplicate_batch):
+def test_empty_input_writes_no_duplicates(tmp_path, small_model, duplicate_batch):
     pl.read_parquet(duplicate_batch).head(0).write_parquet(tmp_path / "empty.parquet")
     config = write_config(tmp_path, paths={"state_dir": "state"})
 
@@ -188,9 +188,47 @@ def test_empty_input_writes_empty_files(tmp_path, small_model, duplicate_batch):
 
     assert result.exit_code == 0, result.output
     assert read_output(tmp_path / "out.parquet").height == 0
-    duplicates = read_output(tmp_path / "out.duplicates.parquet")
-    assert duplicates.height == 0
-    assert duplicates.columns[-3:] == ["duplicate_of", "reason", "similarity"]
+    assert not (tmp_path / "out.duplicates.parquet").exists()
+    assert "Duplicates written" not in result.output
+
+
+def test_no_duplicates_removes_stale_file(tmp_path, small_model, sample_frame):
+    rows = sample_rows(sample_frame, OTHER_IDS)
+    rows.write_parquet(tmp_path / "unique.parquet")
+    stale = tmp_path / "out.duplicates.parquet"
+    stale.write_text("from an earlier run")
+    config = write_config(tmp_path, paths={"state_dir": "state"})
+
+    result = tag_batch(
+        tmp_path / "unique.parquet",
+        tmp_path / "out.parquet",
+        small_model,
+        config,
+        "--overwrite",
+    )
+
+    assert result.exit_code == 0, result.output
+    assert read_output(tmp_path / "out.parquet").height == len(OTHER_IDS)
+    assert not stale.exists()
+
+
+def test_folder_and_file_sidecars_differ(tmp_path, small_model, duplicate_batch):
+    config = write_config(tmp_path, paths={"state_dir": "state"})
+
+    to_file = tag_batch(
+        duplicate_batch, tmp_path / "fold.parquet", small_model, config, "--no-history"
+    )
+    to_folder = tag_batch(
+        duplicate_batch, f"{tmp_path / 'fold'}/", small_model, config, "--no-history"
+    )
+
+    assert to_file.exit_code == 0, to_file.output
+    assert to_folder.exit_code == 0, to_folder.output
+    check_duplicates_of_batch(
+        tmp_path / "fold.parquet", tmp_path / "fold.duplicates.parquet"
+    )
+    folder_duplicates = read_output(tmp_path / "fold-duplicates.parquet")
+    assert folder_duplicates.height == 3
 
 
 def test_history_of_other_model_is_rejected(tmp_path):
@@ -258,6 +296,8 @@ def test_second_run_tags_nothing_new(tmp_path, small_model, duplicate_batch):
     )
 
     assert second.exit_code == 0, second.output
+    assert "History: 9 rows added, 9 in total." in first.output
+    assert "History: 0 rows added, 9 in total." in second.output
     assert read_output(tmp_path / "second.parquet").height == 0
     duplicates = read_output(tmp_path / "second.duplicates.parquet")
     assert duplicates.height == 12
@@ -326,14 +366,21 @@ def test_history_command_shows_and_clears(tmp_path, small_model, duplicate_batch
     shown = run_cli("history", config=config)
     declined = CliRunnerWithInput("n\n").invoke("history", "--clear", config=config)
     after_decline = read_history(tmp_path / "state").rows
+    no_answer = CliRunnerWithInput("").invoke("history", "--clear", config=config)
+    after_no_answer = read_history(tmp_path / "state").rows
     cleared = run_cli("history", "--clear", "--yes", config=config)
 
     assert shown.exit_code == 0, shown.output
     assert "rows: 9" in shown.output
     assert str(tmp_path / "state") in shown.output
     assert "bytes: " in shown.output
-    assert declined.exit_code == 1
+    assert declined.exit_code == 2
+    assert "nothing was cleared" in declined.output
     assert after_decline == 9
+    assert no_answer.exit_code == 2
+    assert "--yes" in no_answer.output
+    assert "Aborted" not in no_answer.output
+    assert after_no_answer == 9
     assert cleared.exit_code == 0, cleared.output
     assert read_history(tmp_path / "state").rows == 0
     assert list((tmp_path / "state" / "segments").iterdir()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -34,6 +35,16 @@ def test_shipped_folder_gives_same_embeddings(tmp_path):
     shipped = embed_texts(load_encoder(ModelSpec(str(unpacked))), TEXTS)
     assert np.array_equal(bundled, shipped)
     assert bundled.shape == (2, 384)
+
+
+def test_empty_texts_warn_nothing():
+    encoder = load_encoder(ModelSpec())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        embeddings = embed_texts(encoder, [])
+
+    assert embeddings.shape == (0, 384)
 
 
 def test_missing_model_folder_is_named(tmp_path):

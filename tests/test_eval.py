@@ -124,3 +124,11 @@ def test_no_refit_option_keeps_split_head(tmp_path, subset_csv):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["leak"]["fitted_on"] == "train_split"
     assert report["leak"]["overlapping_rows"] == 0
+
+    leaked = run_cli("eval", subset_csv, "--model", tmp_path / "model")
+
+    assert leaked.exit_code == 0, leaked.output
+    assert "data leak" in leaked.output
+    assert "the training split" in leaked.output
+    assert "refit_on_all = false" not in leaked.output
+    assert "before the refit" not in leaked.output

@@ -96,6 +96,33 @@ def test_existing_output_needs_overwrite(tmp_path, small_model):
     assert read_output(output).height == pl.read_parquet(SAMPLE_BATCH).height
 
 
+def test_output_may_not_replace_input(tmp_path, small_model):
+    source = tmp_path / "same.parquet"
+    source.write_bytes(SAMPLE_BATCH.read_bytes())
+    folder = tmp_path / "dump"
+    folder.mkdir()
+    (folder / "a.parquet").write_bytes(SAMPLE_BATCH.read_bytes())
+
+    same_file = run_cli(
+        "tag", source, "-o", source, "--model", small_model, "--overwrite"
+    )
+    inside_folder = run_cli(
+        "tag", folder, "-o", folder / "out.parquet", "--model", small_model
+    )
+    folder_over_input = run_cli(
+        "tag", folder / "a.parquet", "-o", f"{folder}/", "--model", small_model,
+        "--overwrite",
+    )
+
+    assert same_file.exit_code == 2, same_file.output
+    assert "would replace or sit inside the input" in same_file.output
+    assert source.read_bytes() == SAMPLE_BATCH.read_bytes()
+    assert inside_folder.exit_code == 2, inside_folder.output
+    assert not (folder / "out.parquet").exists()
+    assert folder_over_input.exit_code == 2, folder_over_input.output
+    assert (folder / "a.parquet").read_bytes() == SAMPLE_BATCH.read_bytes()
+
+
 def test_input_tag_column_is_renamed(tmp_path, small_model, subset_csv):
     output = tmp_path / "tagged.csv"
 
