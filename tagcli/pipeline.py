@@ -613,13 +613,18 @@ def _ray_batches(
         plan_workers,
         ray_native_output_to_file,
     )
-    from tagcli.signals import install_sigterm_handler
+    from tagcli.signals import DeferredSigterm, install_sigterm_handler
 
+    sigterm = DeferredSigterm()
+    sigterm.install()
+    batches = None
+    started_ray = False
     with ray_native_output_to_file():
-        started_ray = connect(address)
-        # ray.init() replaces the SIGTERM handler with one that calls sys.exit.
-        install_sigterm_handler()
         try:
+            started_ray = connect(address)
+            # ray.init() replaces the SIGTERM handler with one that calls sys.exit.
+            sigterm.install()
+            sigterm.check()
             plan = plan_workers(
                 node_cpus(), config.ray.num_workers, config.ray.cpus_per_worker
             )
@@ -627,10 +632,22 @@ def _ray_batches(
             dataset = _build_dataset(
                 source, artifact, renames, config, plan, policy, duplicates
             )
-            yield from dataset.iter_batches(batch_format="pyarrow", batch_size=None)
+            batches = iter(
+                dataset.iter_batches(batch_format="pyarrow", batch_size=None)
+            )
+            for batch in batches:
+                sigterm.check()
+                yield batch
+            sigterm.check()
         finally:
-            if started_ray:
+            # Stop Ray Data's executor before Ray itself, so none of its threads
+            # use the core worker after shutdown.
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+            if ray.is_initialized() and started_ray:
                 ray.shutdown()
+            install_sigterm_handler()
 
 
 def _build_dataset(

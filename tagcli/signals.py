@@ -37,6 +37,33 @@ def install_sigterm_handler() -> None:
         signal.signal(signal.SIGTERM, _raise_terminated)
 
 
+class DeferredSigterm:
+    """Record SIGTERM instead of raising it, for code that runs inside Ray.
+
+    Raised deep inside Ray Data's iterator, Terminated would reach
+    `ray.shutdown()` while the streaming executor's threads still use the
+    core worker, and Ray 2.60 then ends the process with status 1 before any
+    clean-up message. The caller calls `check()` between batches instead.
+    """
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def install(self) -> None:
+        """Replace the SIGTERM handler; call it again after `ray.init()`."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._record)
+
+    def _record(self, signum, frame) -> None:
+        self.received = True
+
+    def check(self) -> None:
+        """Raise Terminated if SIGTERM arrived; later signals stop the process at once."""
+        if self.received:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            raise Terminated()
+
+
 @contextmanager
 def sigterm_raises() -> Iterator[None]:
     """Make SIGTERM raise Terminated inside the block; restore the old handler after."""
