@@ -47,6 +47,9 @@ class EmbeddingConfig:
     # onnxruntime; "torch": sentence-transformers on torch. `train` records it
     # in the artifact, and `tag` and `eval` reject a model of the other one.
     backend: str = "onnx-int8"
+    # Embeddings kept in the cache under [paths] state_dir; the least recently
+    # used are dropped beyond this count. 0 turns the cache off.
+    cache_max_rows: int = 200_000
 
 
 @dataclass
@@ -133,10 +136,19 @@ class DriftConfig:
 
 
 @dataclass
+class PredictConfig:
+    # `tagcli predict` marks an item as a duplicate of an earlier item in the
+    # stream when their embeddings reach this cosine similarity.
+    near_duplicate_threshold: float = 0.95
+    # Earlier items kept for the near-duplicate check; the oldest drop out.
+    duplicate_window: int = 10_000
+
+
+@dataclass
 class PathsConfig:
     models_dir: Path = Path("models")
-    # History of content already tagged, for duplicates across runs, and the
-    # corrections recorded by `tagcli feedback`.
+    # Files kept between runs: the duplicate history, the corrections
+    # recorded by `tagcli feedback` and the embedding cache.
     state_dir: Path = Path("state")
 
 
@@ -152,6 +164,7 @@ class Config:
     dedupe: DedupeConfig = field(default_factory=DedupeConfig)
     review: ReviewConfig = field(default_factory=ReviewConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
     source: Path | None = None
 
     def validate(self) -> None:
@@ -217,6 +230,8 @@ class Config:
             ("[dedupe] lock_timeout_seconds", self.dedupe.lock_timeout_seconds),
             ("[dedupe] exact_search_max_rows", self.dedupe.exact_search_max_rows),
             ("[ray] num_workers", self.ray.num_workers),
+            ("[embedding] cache_max_rows", self.embedding.cache_max_rows),
+            ("[predict] duplicate_window", self.predict.duplicate_window),
         ]
         for key, value in not_negative:
             if value < 0:
@@ -235,6 +250,11 @@ class Config:
             raise ConfigError(
                 f"{where}: [dedupe] near_threshold must be above 0 and at most 1, "
                 f"got {self.dedupe.near_threshold}."
+            )
+        if not 0.0 < self.predict.near_duplicate_threshold <= 1.0:
+            raise ConfigError(
+                f"{where}: [predict] near_duplicate_threshold must be above 0 and "
+                f"at most 1, got {self.predict.near_duplicate_threshold}."
             )
         if self.ray.cpus_per_worker < 0 and self.ray.cpus_per_worker != -1:
             raise ConfigError(
@@ -280,6 +300,7 @@ _SECTIONS = {
     "dedupe": DedupeConfig,
     "review": ReviewConfig,
     "drift": DriftConfig,
+    "predict": PredictConfig,
 }
 
 # Keys that take either a string such as "auto" or a number.

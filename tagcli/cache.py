@@ -1,0 +1,211 @@
+"""The embedding cache: embeddings of texts seen before, in SQLite under the state folder.
+
+A row's key is the sha256 of the model id, the backend name and the text, so
+a cache shared by several models or backends never hands one model's vector to
+another. Lookups and writes go one batch at a time, so memory does not grow
+with the input. Beyond `max_rows` entries the least recently used are deleted.
+
+Two processes may use the same file at once: the database runs in WAL mode
+(readers do not block the writer) and waits up to `BUSY_TIMEOUT_S` for the
+write lock before failing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tagcli.errors import TagcliError
+
+log = logging.getLogger(__name__)
+
+CACHE_FILE = "embeddings.sqlite"
+BUSY_TIMEOUT_S = 60.0
+# SQLite allows 32,766 bound parameters per statement since 3.32; stay well below.
+LOOKUP_CHUNK = 500
+# The backend of the sentence-transformers encoder in tagcli.embed. An artifact
+# whose manifest names no backend was embedded with it.
+DEFAULT_BACKEND = "sentence-transformers"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS embeddings (
+    key BLOB PRIMARY KEY,
+    dimension INTEGER NOT NULL,
+    vector BLOB NOT NULL,
+    last_used INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS embeddings_last_used ON embeddings (last_used);
+"""
+
+
+def artifact_backend(manifest: dict) -> str:
+    """Return the embedding backend an artifact's head was trained on."""
+    return manifest.get("embedding", {}).get("backend") or DEFAULT_BACKEND
+
+
+def cache_key(model_id: str, backend: str, text: str) -> bytes:
+    """Return the 32-byte sha256 of model id, backend and text, separated by NUL."""
+    payload = "\x00".join((model_id, backend, text)).encode("utf-8")
+    return hashlib.sha256(payload).digest()
+
+
+@dataclass
+class CacheStats:
+    """Counts for one open cache: looked-up texts found or not, rows written, trimmed."""
+
+    hits: int = 0
+    misses: int = 0
+    written: int = 0
+    trimmed: int = 0
+
+
+class EmbeddingCache:
+    """Embeddings of one model and backend, stored in `state_dir/embeddings.sqlite`.
+
+    Use as a context manager, or call `close`. Vectors are float32 and come
+    back as they went in (the encoder's output is already L2-normalised).
+    """
+
+    def __init__(
+        self, state_dir: Path, model_id: str, backend: str, max_rows: int
+    ) -> None:
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+        self.path = Path(state_dir) / CACHE_FILE
+        self.model_id = model_id
+        self.backend = backend
+        self.max_rows = max_rows
+        self.stats = CacheStats()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._connection = sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None
+            )
+            self._connection.execute("PRAGMA journal_mode=WAL")
+            self._connection.execute("PRAGMA synchronous=NORMAL")
+            self._connection.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as error:
+            raise TagcliError(
+                f"{self.path}: cannot open the embedding cache: {error}. Fix the "
+                "permissions of [paths] state_dir, point it elsewhere, or pass "
+                "--no-cache."
+            ) from error
+
+    def __enter__(self) -> EmbeddingCache:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._connection.close()
+
+    def keys(self, texts: list[str]) -> list[bytes]:
+        return [cache_key(self.model_id, self.backend, text) for text in texts]
+
+    def lookup(self, texts: list[str]):
+        """Return (embeddings, found) for `texts`.
+
+        `embeddings` has shape (len(texts), dimension) with zeros where `found`
+        (a bool array) is False; it is None when no text was found. Found rows
+        are marked as used now, for the least-recently-used trimming.
+        """
+        import numpy as np
+
+        keys = self.keys(texts)
+        vectors: dict[bytes, bytes] = {}
+        for start in range(0, len(keys), LOOKUP_CHUNK):
+            chunk = keys[start : start + LOOKUP_CHUNK]
+            placeholders = ",".join("?" * len(chunk))
+            rows = self._connection.execute(
+                f"SELECT key, vector FROM embeddings WHERE key IN ({placeholders})",
+                chunk,
+            ).fetchall()
+            vectors.update(rows)
+
+        found = np.array([key in vectors for key in keys], dtype=bool)
+        self.stats.hits += int(found.sum())
+        self.stats.misses += len(keys) - int(found.sum())
+        if not vectors:
+            return None, found
+
+        self._touch(list(vectors))
+        dimension = len(next(iter(vectors.values()))) // 4
+        embeddings = np.zeros((len(keys), dimension), dtype=np.float32)
+        for row, key in enumerate(keys):
+            vector = vectors.get(key)
+            if vector is not None:
+                embeddings[row] = np.frombuffer(vector, dtype=np.float32)
+        return embeddings, found
+
+    def store(self, texts: list[str], embeddings) -> None:
+        """Write the embeddings of `texts`, then trim the cache to `max_rows`."""
+        import numpy as np
+
+        if not texts:
+            return
+        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        now = time.time_ns()
+        rows = [
+            (key, embeddings.shape[1], embeddings[row].tobytes(), now)
+            for row, key in enumerate(self.keys(texts))
+        ]
+        with self._transaction():
+            self._connection.executemany(
+                "INSERT OR REPLACE INTO embeddings (key, dimension, vector, last_used) "
+                "VALUES (?, ?, ?, ?)",
+                rows,
+            )
+            self.stats.written += len(rows)
+            self._trim()
+
+    def count(self) -> int:
+        return self._connection.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0]
+
+    def _touch(self, keys: list[bytes]) -> None:
+        now = time.time_ns()
+        with self._transaction():
+            self._connection.executemany(
+                "UPDATE embeddings SET last_used = ? WHERE key = ?",
+                [(now, key) for key in keys],
+            )
+
+    def _trim(self) -> None:
+        """Delete the least recently used rows beyond `max_rows` (inside a transaction)."""
+        excess = self.count() - self.max_rows
+        if excess <= 0:
+            return
+        self._connection.execute(
+            "DELETE FROM embeddings WHERE key IN "
+            "(SELECT key FROM embeddings ORDER BY last_used LIMIT ?)",
+            (excess,),
+        )
+        self.stats.trimmed += excess
+        log.debug("Trimmed %d least recently used rows from %s", excess, self.path)
+
+    def _transaction(self):
+        return _Transaction(self._connection)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on error.
+
+    IMMEDIATE takes the write lock at the start, so a second writer waits in
+    the busy timeout instead of failing when it upgrades a read lock.
+    """
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
+
+    def __enter__(self) -> None:
+        self.connection.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None:
+            self.connection.execute("COMMIT")
+        else:
+            self.connection.execute("ROLLBACK")
