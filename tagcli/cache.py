@@ -1,7 +1,8 @@
 """The embedding cache: embeddings of texts seen before, in SQLite under the state folder.
 
-A row's key is the sha256 of the model id, the backend name and the text, so
-a cache shared by several models or backends never hands one model's vector to
+A row's key is the sha256 of the model id, the backend name ("torch" or
+"onnx-int8", as the artifact's manifest records it) and the text, so a cache
+shared by several models or backends never hands one model's vector to
 another. Lookups and writes go one batch at a time, so memory does not grow
 with the input. Beyond `max_rows` entries the least recently used are deleted.
 
@@ -27,9 +28,6 @@ CACHE_FILE = "embeddings.sqlite"
 BUSY_TIMEOUT_S = 60.0
 # SQLite allows 32,766 bound parameters per statement since 3.32; stay well below.
 LOOKUP_CHUNK = 500
-# The backend of the sentence-transformers encoder in tagcli.embed. An artifact
-# whose manifest names no backend was embedded with it.
-DEFAULT_BACKEND = "sentence-transformers"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS embeddings (
@@ -40,11 +38,6 @@ CREATE TABLE IF NOT EXISTS embeddings (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS embeddings_last_used ON embeddings (last_used);
 """
-
-
-def artifact_backend(manifest: dict) -> str:
-    """Return the embedding backend an artifact's head was trained on."""
-    return manifest.get("embedding", {}).get("backend") or DEFAULT_BACKEND
 
 
 def cache_key(model_id: str, backend: str, text: str) -> bytes:
@@ -108,38 +101,17 @@ class EmbeddingCache:
         return [cache_key(self.model_id, self.backend, text) for text in texts]
 
     def lookup(self, texts: list[str]):
-        """Return (embeddings, found) for `texts`.
+        """Return (embeddings, found) for `texts`, as `assemble` returns them.
 
-        `embeddings` has shape (len(texts), dimension) with zeros where `found`
-        (a bool array) is False; it is None when no text was found. Found rows
-        are marked as used now, for the least-recently-used trimming.
+        Found rows are marked as used now, for the least-recently-used trimming.
         """
-        import numpy as np
-
         keys = self.keys(texts)
-        vectors: dict[bytes, bytes] = {}
-        for start in range(0, len(keys), LOOKUP_CHUNK):
-            chunk = keys[start : start + LOOKUP_CHUNK]
-            placeholders = ",".join("?" * len(chunk))
-            rows = self._connection.execute(
-                f"SELECT key, vector FROM embeddings WHERE key IN ({placeholders})",
-                chunk,
-            ).fetchall()
-            vectors.update(rows)
-
-        found = np.array([key in vectors for key in keys], dtype=bool)
+        vectors = select_vectors(self._connection, self.path, keys)
+        embeddings, found = assemble(keys, vectors)
         self.stats.hits += int(found.sum())
         self.stats.misses += len(keys) - int(found.sum())
-        if not vectors:
-            return None, found
-
-        self._touch(list(vectors))
-        dimension = len(next(iter(vectors.values()))) // 4
-        embeddings = np.zeros((len(keys), dimension), dtype=np.float32)
-        for row, key in enumerate(keys):
-            vector = vectors.get(key)
-            if vector is not None:
-                embeddings[row] = np.frombuffer(vector, dtype=np.float32)
+        if vectors:
+            self._touch(list(vectors))
         return embeddings, found
 
     def store(self, texts: list[str], embeddings) -> None:
@@ -189,6 +161,76 @@ class EmbeddingCache:
 
     def _transaction(self):
         return _Transaction(self._connection)
+
+
+class CacheReader:
+    """Read-only lookups in an embedding cache file, as embedding workers do them.
+
+    It never marks rows as used: the driver does that when it stores the
+    embeddings of each tagged batch. A missing file finds nothing, which is
+    the case on a Ray node that does not share the driver's state folder.
+    """
+
+    def __init__(self, path: Path, model_id: str, backend: str) -> None:
+        self.path = Path(path)
+        self.model_id = model_id
+        self.backend = backend
+        self._connection = None
+        if not self.path.exists():
+            return
+        try:
+            self._connection = sqlite3.connect(
+                f"{self.path.resolve().as_uri()}?mode=ro",
+                uri=True,
+                timeout=BUSY_TIMEOUT_S,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as error:
+            raise cache_error(self.path, error) from error
+
+    def lookup(self, texts: list[str]):
+        """Return (embeddings, found) for `texts`, as `assemble` returns them."""
+        keys = [cache_key(self.model_id, self.backend, text) for text in texts]
+        if self._connection is None:
+            return assemble(keys, {})
+        return assemble(keys, select_vectors(self._connection, self.path, keys))
+
+
+def select_vectors(connection, path: Path, keys: list[bytes]) -> dict[bytes, bytes]:
+    """Return the stored float32 vector bytes of each key that the cache contains."""
+    vectors: dict[bytes, bytes] = {}
+    for start in range(0, len(keys), LOOKUP_CHUNK):
+        chunk = keys[start : start + LOOKUP_CHUNK]
+        placeholders = ",".join("?" * len(chunk))
+        try:
+            rows = connection.execute(
+                f"SELECT key, vector FROM embeddings WHERE key IN ({placeholders})",
+                chunk,
+            ).fetchall()
+        except sqlite3.Error as error:
+            raise cache_error(path, error) from error
+        vectors.update(rows)
+    return vectors
+
+
+def assemble(keys: list[bytes], vectors: dict[bytes, bytes]):
+    """Return (embeddings, found): one row per key from `vectors`.
+
+    `embeddings` has shape (len(keys), dimension) with zeros where `found` (a
+    bool array) is False. It is None when no key was found.
+    """
+    import numpy as np
+
+    found = np.array([key in vectors for key in keys], dtype=bool)
+    if not vectors:
+        return None, found
+    dimension = len(next(iter(vectors.values()))) // 4
+    embeddings = np.zeros((len(keys), dimension), dtype=np.float32)
+    for row, key in enumerate(keys):
+        vector = vectors.get(key)
+        if vector is not None:
+            embeddings[row] = np.frombuffer(vector, dtype=np.float32)
+    return embeddings, found
 
 
 class _Transaction:

@@ -472,6 +472,10 @@ Rows tagged by earlier runs are remembered in [paths] state_dir, so a later
 run drops them too; see `tagcli history`.
 
 \b
+Embeddings are cached in [paths] state_dir, keyed by model, backend and text:
+rows whose text was embedded before skip the model. --no-cache embeds all.
+
+\b
 A progress bar shows on a terminal; otherwise a log line every 10 s.
 
 \b
@@ -563,6 +567,12 @@ with --fail-on-drift, a drifted batch exits with status 5.
     is_flag=True,
     help="Tag every row: no duplicate filter, no history, no duplicates file.",
 )
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Embed every row, neither reading nor writing the embedding cache in "
+    "[paths] state_dir.",
+)
 @backend_option
 @click.option(
     "--fail-on-drift",
@@ -588,6 +598,7 @@ def tag(
     batch_size: int | None,
     no_history: bool,
     keep_duplicates: bool,
+    no_cache: bool,
     backend: str | None,
     fail_on_drift: bool,
     encoding: str,
@@ -638,6 +649,7 @@ def tag(
         encoding=encoding,
         no_history=no_history,
         keep_duplicates=keep_duplicates,
+        use_cache=not no_cache,
     )
     check_encoding(encoding)
     with _input_context(input_path, input_format) as input_file:
@@ -737,6 +749,8 @@ def _print_tag_summary(console, summary) -> None:
         if summary.executor == "local"
         else f"on Ray, {summary.workers} worker(s)"
     )
+    if summary.cached_rows is not None:
+        where += f", {summary.cached_rows} row(s) from the embedding cache"
     console.print(
         f"Model {summary.model}; embedded {where} with {summary.backend}; "
         f"{summary.seconds:.1f} s."

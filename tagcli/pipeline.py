@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tagcli.backends import check_artifact_backend
+from tagcli.cached_tagging import CacheSpec, open_tag_cache
 from tagcli.config import Config
 from tagcli.dedupe import DuplicateRun
 from tagcli.embed import ModelSpec
@@ -92,6 +93,7 @@ class TagWorker:
         policy: RowPolicy | None = None,
         skip_rows_ref: list | None = None,
         onnx_ref: list | None = None,
+        cache_spec=None,
     ):
         import ray
 
@@ -111,6 +113,7 @@ class TagWorker:
         self.renames = renames
         self.policy = policy
         self.skip_rows = ray.get(skip_rows_ref[0]) if skip_rows_ref else None
+        self.cache = cache_spec.open_reader() if cache_spec else None
 
     def __call__(self, batch):
         return classify_batch(
@@ -121,6 +124,7 @@ class TagWorker:
             self.renames,
             self.policy,
             self.skip_rows,
+            self.cache,
         )
 
 
@@ -132,6 +136,7 @@ def classify_batch(
     renames: dict,
     policy: RowPolicy | None = None,
     skip_rows=None,
+    cache=None,
 ):
     """Return `batch` (an Arrow table) with the tag columns and the centroid distance.
 
@@ -141,12 +146,14 @@ def classify_batch(
     column for the near-duplicate search. Rows whose number is in `skip_rows`
     (exact duplicates) are not embedded: their tag columns are null. The distance
     is each tagged row's cosine distance to the nearest training tag centroid;
-    the driver turns it into the out-of-distribution flag.
+    the driver turns it into the out-of-distribution flag. With a `cache` (a
+    `tagcli.cache.CacheReader`), only texts it lacks are embedded, and the
+    `__embedding` and `__cached` columns follow for the driver.
     """
     import numpy as np
     import pyarrow as pa
 
-    from tagcli.embed import embed_texts
+    from tagcli.cached_tagging import CACHED_COLUMN, embed_with_cache
     from tagcli.monitor import nearest_centroid_distance
     from tagcli.near import EMBEDDING_COLUMN
     from tagcli.rows import screen_texts
@@ -173,7 +180,7 @@ def classify_batch(
     tagged_texts = [texts[index] for index in tagged_rows]
 
     tags = head.tags
-    embeddings = embed_texts(encoder, tagged_texts, batch_size)
+    embeddings, found = embed_with_cache(encoder, tagged_texts, batch_size, cache)
     distances = np.full(len(texts), np.nan)
     if tagged_texts:
         probabilities = head.predict_proba(embeddings, tagged_texts)
@@ -191,12 +198,16 @@ def classify_batch(
     if screening is not None:
         columns[REJECT_MARKER] = pa.array(screening.reasons, pa.string())
         columns[TRUNCATED_MARKER] = pa.array(screening.truncated_rows, pa.bool_())
-    if numbered:
+    if numbered or cache is not None:
         vectors = np.zeros((len(texts), embeddings.shape[1]), dtype=np.float32)
         vectors[tagged_rows] = embeddings
         columns[EMBEDDING_COLUMN] = pa.FixedSizeListArray.from_arrays(
             pa.array(vectors.reshape(-1)), embeddings.shape[1]
         )
+    if cache is not None:
+        cached = np.zeros(len(texts), dtype=bool)
+        cached[tagged_rows] = found
+        columns[CACHED_COLUMN] = pa.array(cached, pa.bool_())
     for name, values in columns.items():
         batch = batch.append_column(name, values)
     return batch
@@ -253,6 +264,8 @@ class TagOptions:
     no_history: bool = False
     # Tag every row: no duplicate filter and no history.
     keep_duplicates: bool = False
+    # Reuse and store embeddings in the cache (off with --no-cache).
+    use_cache: bool = True
 
 
 @dataclass
@@ -293,6 +306,8 @@ class TagSummary:
     review_threshold: float = 0.0
     review_rows: int = 0
     drift: dict = field(default_factory=dict)
+    # Rows whose embedding came from the cache, or None when the cache was off.
+    cached_rows: int | None = None
 
 
 def duplicates_path(output_path: str | Path, folder_format: str) -> Path:
@@ -414,6 +429,7 @@ def tag(
     counts: Counter[str] = Counter()
     batches = None
     duplicates = None
+    cache = None
     with ExitStack() as stack:
         try:
             if use_history:
@@ -430,6 +446,8 @@ def tag(
                     use_history,
                     added + [REJECT_MARKER, TRUNCATED_MARKER],
                 )
+            cache = open_tag_cache(artifact, config, options.use_cache)
+            cache_spec = cache.spec if cache is not None else None
             with RowProgress(source.rows, enabled=options.show_progress) as progress:
                 if executor == "ray":
                     batches = _ray_batches(
@@ -441,14 +459,23 @@ def tag(
                         summary,
                         policy,
                         duplicates,
+                        cache_spec,
                     )
                 else:
                     batches = _local_batches(
-                        source, artifact, renames, config, policy, duplicates
+                        source,
+                        artifact,
+                        renames,
+                        config,
+                        policy,
+                        duplicates,
+                        cache_spec,
                     )
                     summary.workers = 1
                 for batch in batches:
                     progress.advance(batch.num_rows)
+                    if cache is not None:
+                        batch = cache.absorb(batch, duplicates is not None)
                     if duplicates is not None:
                         batch, dropped = duplicates.split(batch)
                         if dropped.num_rows:
@@ -465,6 +492,8 @@ def tag(
                     summary.rows_truncated += split.truncated
                     counts.update(tagged.column("tag").to_pylist())
 
+            if cache is not None:
+                summary.cached_rows = cache.cached_rows
             if duplicates is not None:
                 summary.rows_duplicate_exact = duplicates.exact_count
                 summary.rows_duplicate_near = duplicates.near_count
@@ -510,6 +539,8 @@ def tag(
             if batches is not None:
                 # Stops a Ray instance this run started, even on an error.
                 batches.close()
+            if cache is not None:
+                cache.close()
 
     summary.rows_written = writer.rows_written
     summary.rows_rejected = rejects.rows_written
@@ -558,10 +589,12 @@ def _local_batches(
     config: Config,
     policy: RowPolicy,
     duplicates: DuplicateRun | None = None,
+    cache_spec: CacheSpec | None = None,
 ):
     """Yield tagged batches embedded in this process, in input order.
 
-    With `duplicates`, batches are numbered and its exact duplicates skip embedding.
+    With `duplicates`, batches are numbered and its exact duplicates skip
+    embedding. With `cache_spec`, texts found in the cache skip embedding.
     """
     import numpy as np
     import pyarrow as pa
@@ -573,6 +606,7 @@ def _local_batches(
         return
     encoder = load_artifact_backend(artifact, config.embedding.offline)
     skip_rows = duplicates.exact.skipped_rows() if duplicates else None
+    cache = cache_spec.open_reader() if cache_spec else None
     first_row = 0
     for batch in iter_local_batches(source, config.ray.batch_size):
         if duplicates is not None:
@@ -587,6 +621,7 @@ def _local_batches(
             renames,
             policy,
             skip_rows,
+            cache,
         )
 
 
@@ -599,6 +634,7 @@ def _ray_batches(
     summary: TagSummary,
     policy: RowPolicy,
     duplicates: DuplicateRun | None = None,
+    cache_spec: CacheSpec | None = None,
 ) -> Iterator:
     """Yield tagged batches from a Ray Data pipeline, in input order.
 
@@ -630,7 +666,7 @@ def _ray_batches(
             )
             summary.workers = plan.num_workers
             dataset = _build_dataset(
-                source, artifact, renames, config, plan, policy, duplicates
+                source, artifact, renames, config, plan, policy, duplicates, cache_spec
             )
             batches = iter(
                 dataset.iter_batches(batch_format="pyarrow", batch_size=None)
@@ -658,11 +694,13 @@ def _build_dataset(
     plan,
     policy: RowPolicy,
     duplicates: DuplicateRun | None = None,
+    cache_spec: CacheSpec | None = None,
 ):
     """Return the lazy Ray Data pipeline: read, then embed and classify on actors.
 
     With `duplicates`, the reader numbers the rows and the actors skip
-    embedding its exact duplicates.
+    embedding its exact duplicates. With `cache_spec`, each actor reads the
+    cache file and embeds only the texts it lacks.
     """
     import ray
     import ray.data
@@ -716,6 +754,9 @@ def _build_dataset(
             "policy": policy,
             "skip_rows_ref": skip_rows_ref,
             "onnx_ref": onnx_ref,
+            # NOTE: an actor on a node without the driver's state folder finds
+            # no cache file and embeds every row.
+            "cache_spec": cache_spec,
         },
         batch_size=config.ray.batch_size,
         batch_format="pyarrow",
