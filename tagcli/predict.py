@@ -1,0 +1,150 @@
+"""`tagcli predict`: tag one item at a time with a model loaded once.
+
+`Predictor` loads the artifact and the encoder, then tags each item as it
+arrives: embedding, head, and a duplicate check against the earlier items of
+the same stream. Reading and writing JSON lines is in `tagcli.jsonl_stream`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from tagcli.config import Config
+from tagcli.embed import ModelSpec
+from tagcli.text import content_key, compose_text
+
+log = logging.getLogger(__name__)
+
+# Manifest key of an optional confidence threshold: below it, a prediction
+# gets "needs_review": true. Artifacts without it get no needs_review field.
+REVIEW_THRESHOLD_KEY = "review_threshold"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One item to tag. `id` is None only for a single item given without --id."""
+
+    id: str | int | None
+    title: str
+    description: str
+
+
+def history_duplicate_of(key: str, embedding, threshold: float) -> str | int | None:
+    """Return the id of an item from an earlier run with the same content, or None.
+
+    `key` is the item's content key (`tagcli.text.content_key`) and `embedding`
+    its L2-normalised embedding; `threshold` is the cosine similarity from which
+    two items count as near duplicates. This is where a store of earlier runs'
+    items plugs in; `StreamDuplicates` calls it for every item that matches no
+    earlier item of the current stream.
+    """
+    # TODO: no history of earlier runs is stored yet, so only duplicates within
+    # the current stream are found.
+    return None
+
+
+class StreamDuplicates:
+    """Earlier items of one stream, to find exact and near duplicates of a new item.
+
+    Exact duplicates share a content key (same title and description, ignoring
+    case and spacing). Near duplicates have embeddings at cosine similarity of
+    at least `threshold`. Only the last `window` items are kept for the
+    near-duplicate check; exact keys are kept for the same items.
+    """
+
+    def __init__(self, threshold: float, window: int) -> None:
+        self.threshold = threshold
+        self.window = window
+        self._ids_by_key: OrderedDict[str, str | int | None] = OrderedDict()
+        self._ids: list = []
+        self._embeddings = None
+        self._next_slot = 0
+
+    def find(self, key: str, embedding) -> str | int | None:
+        """Return the id of the earlier item this one duplicates, or None."""
+        if key in self._ids_by_key:
+            return self._ids_by_key[key]
+        if self._embeddings is not None and self._ids:
+            stored = self._embeddings[: len(self._ids)]
+            similarities = stored @ embedding
+            best = int(similarities.argmax())
+            if similarities[best] >= self.threshold:
+                return self._ids[best]
+        return history_duplicate_of(key, embedding, self.threshold)
+
+    def add(self, item_id, key: str, embedding) -> None:
+        """Remember an item, dropping the oldest once `window` items are kept."""
+        import numpy as np
+
+        if self.window == 0 or key in self._ids_by_key:
+            return
+        if self._embeddings is None:
+            self._embeddings = np.zeros((self.window, len(embedding)), np.float32)
+
+        slot = self._next_slot
+        if len(self._ids) < self.window:
+            self._ids.append(item_id)
+        else:
+            self._ids[slot] = item_id
+            self._ids_by_key.popitem(last=False)
+        self._embeddings[slot] = embedding
+        self._ids_by_key[key] = item_id
+        self._next_slot = (slot + 1) % self.window
+
+
+class Predictor:
+    """Tags items one at a time: the artifact and the encoder load once, in __init__."""
+
+    def __init__(self, config: Config, model_dir: Path | None = None) -> None:
+        from tagcli.embed import load_encoder
+        from tagcli.pipeline import resolve_artifact
+
+        self.artifact = resolve_artifact(config, model_dir)
+        spec = ModelSpec(
+            self.artifact.manifest["embedding"]["model"], config.embedding.offline
+        )
+        self.encoder = load_encoder(spec)
+        self.duplicates = StreamDuplicates(
+            config.predict.near_duplicate_threshold, config.predict.duplicate_window
+        )
+        self.review_threshold = self.artifact.manifest.get(REVIEW_THRESHOLD_KEY)
+        # The first encode initialises torch's kernels; do it before the first
+        # item arrives, so that item gets the same latency as the rest.
+        self.predict(Item(None, "warm-up", "warm-up"), remember=False)
+
+    def predict(self, item: Item, remember: bool = True) -> dict:
+        """Return the JSON-ready result for `item` and, with `remember`, keep it
+        for the duplicate check of later items.
+
+        Keys: id, tag, confidence, probabilities (tag to probability, in the
+        approved order), needs_review (only when the artifact has a review
+        threshold) and duplicate_of (an earlier item's id, or None).
+        """
+        from tagcli.embed import embed_texts
+
+        text = compose_text(item.title, item.description)
+        embeddings = embed_texts(self.encoder, [text], batch_size=1)
+        probabilities = self.artifact.head.predict_proba(embeddings, [text])[0]
+        best = int(probabilities.argmax())
+        tags = self.artifact.head.tags
+
+        key = content_key(item.title, item.description)
+        duplicate_of = self.duplicates.find(key, embeddings[0])
+        if remember:
+            self.duplicates.add(item.id, key, embeddings[0])
+
+        result = {
+            "id": item.id,
+            "tag": tags[best],
+            "confidence": float(probabilities[best]),
+            "probabilities": {
+                tag: float(probability) for tag, probability in zip(tags, probabilities)
+            },
+        }
+        if self.review_threshold is not None:
+            result["needs_review"] = result["confidence"] < self.review_threshold
+        result["duplicate_of"] = duplicate_of
+        return result
