@@ -1,0 +1,297 @@
+"""`tagcli predict`: one item, a JSON-lines stream through a real pipe, duplicates."""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+from click.testing import CliRunner
+from conftest import run_cli
+
+from tagcli.cli import main
+from tagcli.predict import StreamDuplicates
+
+TAGS = ["natural-language-processing", "computer-vision", "mlops", "other"]
+# Generous: the first reply waits for Python, torch and the model to load on
+# a busy machine. No test asserts a latency.
+REPLY_TIMEOUT_S = 180
+HEAVY_MODULES = (
+    "torch",
+    "ray",
+    "sentence_transformers",
+    "sklearn",
+    "onnxruntime",
+    "faiss",
+)
+
+
+def item_line(item_id, title, description) -> str:
+    return json.dumps({"id": item_id, "title": title, "description": description})
+
+
+class LineReader:
+    """Reads whole lines from a subprocess's stdout, failing after a timeout."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.process = process
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(process.stdout, selectors.EVENT_READ)
+        self.buffer = b""
+
+    def read_line(self, timeout: float = REPLY_TIMEOUT_S) -> str:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no reply within {timeout} s; got {self.buffer!r}"
+            if not self.selector.select(left):
+                continue
+            chunk = os.read(self.process.stdout.fileno(), 65536)
+            assert chunk, f"stdout closed; stderr: {self.process.stderr.read()!r}"
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line.decode("utf-8")
+
+    def has_pending_output(self, wait: float) -> bool:
+        return bool(self.buffer) or bool(self.selector.select(wait))
+
+
+def start_predict(model) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tagcli", "predict", "--model", str(model)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ),
+    )
+
+
+def test_stream_answers_each_line_before_next(small_model):
+    items = [
+        (1, "BERT for legal text", "Fine-tuning a transformer on contracts"),
+        (2, "YOLO on drones", "Real-time object detection from aerial video"),
+        (3, "Feature store", "Serving features to models in production"),
+    ]
+    process = start_predict(small_model)
+    reader = LineReader(process)
+    try:
+        for item_id, title, description in items:
+            process.stdin.write((item_line(item_id, title, description) + "\n").encode())
+            process.stdin.flush()
+
+            # stdin stays open: the reply must come while predict still waits
+            # for more input, as under `tail -f`.
+            reply = json.loads(reader.read_line())
+            assert reply["id"] == item_id
+            assert reply["tag"] in TAGS
+            assert process.poll() is None
+
+            # Nothing else arrives before the next line is written.
+            assert not reader.has_pending_output(wait=0.5)
+        process.stdin.close()
+        assert process.wait(timeout=REPLY_TIMEOUT_S) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_malformed_lines_do_not_stop_stream(small_model):
+    lines = [
+        item_line("a", "Image segmentation", "U-Net for medical scans"),
+        "{not json",
+        json.dumps({"id": "b", "title": "Only a title"}),
+        json.dumps({"id": "c", "title": 42, "description": "text"}),
+        json.dumps(["id", "title", "description"]),
+        json.dumps({"id": None, "title": "t", "description": "d"}),
+        item_line("d", "", None),
+        "",
+        item_line("e", "Kubeflow pipelines", "Orchestrating ML workflows"),
+    ]
+    process = start_predict(small_model)
+    reader = LineReader(process)
+    try:
+        replies = []
+        for line in lines:
+            process.stdin.write((line + "\n").encode())
+            process.stdin.flush()
+            if line:
+                replies.append(json.loads(reader.read_line()))
+        process.stdin.close()
+        exit_code = process.wait(timeout=REPLY_TIMEOUT_S)
+        stderr = process.stderr.read().decode()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert exit_code == 4, stderr
+    assert "Rejected 6 of 8 line(s)" in stderr
+    assert [reply.get("id") for reply in replies] == [
+        "a", None, "b", "c", None, None, "d", "e",
+    ]
+    assert replies[0]["tag"] in TAGS
+    assert replies[-1]["tag"] in TAGS
+    errors = {reply["line"]: reply["error"] for reply in replies if "error" in reply}
+    assert sorted(errors) == [2, 3, 4, 5, 6, 7]
+    assert errors[2].startswith("line 2: invalid JSON")
+    assert "missing field(s) description" in errors[3]
+    assert "title must be a string or null, got the number 42" in errors[4]
+    assert "expected a JSON object" in errors[5]
+    assert "id must be a string or an integer, got null" in errors[6]
+    assert "both empty" in errors[7]
+
+
+def test_invalid_utf8_line_is_rejected(small_model):
+    stream = b'{"id": 1, "title": "caf\xe9", "description": "x"}\n' + (
+        item_line(2, "Speech recognition", "Whisper on call audio") + "\n"
+    ).encode()
+
+    result = subprocess.run(
+        [sys.executable, "-m", "tagcli", "predict", "--model", str(small_model)],
+        input=stream,
+        capture_output=True,
+        env=dict(os.environ),
+        timeout=REPLY_TIMEOUT_S,
+    )
+
+    replies = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert result.returncode == 4
+    assert replies[0]["line"] == 1
+    assert "not valid UTF-8" in replies[0]["error"]
+    assert replies[1]["id"] == 2
+
+
+def test_single_item_output(small_model):
+    result = run_cli(
+        "predict",
+        "--model",
+        small_model,
+        "--id",
+        "42",
+        "--title",
+        "Object detection",
+        "--description",
+        "Bounding boxes for cars in street images",
+    )
+
+    assert result.exit_code == 0, result.output
+    reply = json.loads(result.output)
+    assert reply["id"] == "42"
+    assert list(reply["probabilities"]) == TAGS
+    assert abs(sum(reply["probabilities"].values()) - 1.0) < 1e-9
+    assert reply["confidence"] == max(reply["probabilities"].values())
+    assert reply["tag"] == max(reply["probabilities"], key=reply["probabilities"].get)
+    assert reply["duplicate_of"] is None
+    assert "needs_review" not in reply
+
+
+def test_single_item_option_errors(small_model):
+    id_only = run_cli("predict", "--model", small_model, "--id", "1")
+    empty = run_cli("predict", "--model", small_model, "--title", " ")
+
+    assert id_only.exit_code == 2
+    assert "--id applies to one item" in id_only.output
+    assert empty.exit_code == 3
+    assert "both empty" in empty.output
+
+
+def test_stream_marks_duplicates(small_model):
+    lines = [
+        item_line(1, "Graph neural networks", "Message passing for molecules"),
+        item_line(2, "GRAPH  neural networks", "message passing for molecules"),
+        item_line(3, "Graph neural networks.", "Message passing for molecules!"),
+        item_line(4, "MLflow tracking", "Logging experiments and model versions"),
+    ]
+
+    result = CliRunner().invoke(
+        main, ["predict", "--model", str(small_model)], input="\n".join(lines)
+    )
+
+    replies = [json.loads(line) for line in result.output.splitlines()]
+    assert result.exit_code == 0, result.output
+    assert [reply["id"] for reply in replies] == [1, 2, 3, 4]
+    assert replies[0]["duplicate_of"] is None
+    # Same text but for case and spacing: the content keys match.
+    assert replies[1]["duplicate_of"] == 1
+    # Punctuation differs, so only the embeddings' cosine similarity matches.
+    assert replies[2]["duplicate_of"] == 1
+    assert replies[3]["duplicate_of"] is None
+
+
+def test_needs_review_follows_threshold(tmp_path, small_model):
+    model = tmp_path / "model"
+    shutil.copytree(small_model, model)
+    manifest_path = model / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    # Above any probability, so every prediction needs review.
+    manifest["review_threshold"] = 1.01
+    manifest_path.write_text(json.dumps(manifest))
+
+    result = run_cli(
+        "predict", "--model", model, "--title", "Diffusion models for images"
+    )
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["needs_review"] is True
+
+
+def test_help_and_version_import_no_heavy_package():
+    probe = (
+        "import json, runpy, sys\n"
+        "sys.argv = ['tagcli'] + sys.argv[1:]\n"
+        "try:\n"
+        "    runpy.run_module('tagcli', run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        f"heavy = {HEAVY_MODULES!r}\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in heavy)\n"
+        "print(json.dumps(loaded), file=sys.stderr)\n"
+    )
+    for option in ("--help", "--version", "predict --help"):
+        result = subprocess.run(
+            [sys.executable, "-c", probe, *option.split()],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ),
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        loaded = json.loads(result.stderr.strip().splitlines()[-1])
+        assert loaded == [], f"tagcli {option} imported {loaded}"
+
+
+def test_duplicates_window_drops_oldest():
+    duplicates = StreamDuplicates(threshold=0.95, window=2)
+    vectors = np.eye(3, dtype=np.float32)
+
+    duplicates.add("first", "key-1", vectors[0])
+    duplicates.add("second", "key-2", vectors[1])
+    duplicates.add("third", "key-3", vectors[2])
+
+    assert duplicates.find("key-1", vectors[0]) is None
+    assert duplicates.find("key-2", np.zeros(3, np.float32)) == "second"
+    assert duplicates.find("other", vectors[2]) == "third"
+
+
+def test_duplicates_threshold_is_inclusive():
+    duplicates = StreamDuplicates(threshold=0.8, window=10)
+    duplicates.add("base", "key-1", np.array([1.0, 0.0], np.float32))
+
+    at_threshold = np.array([0.8, 0.6], np.float32)
+    below = np.array([0.7, np.sqrt(1 - 0.49)], np.float32)
+
+    assert duplicates.find("key-2", at_threshold) == "base"
+    assert duplicates.find("key-3", below) is None
+
+
+def test_duplicates_window_zero_keeps_nothing():
+    duplicates = StreamDuplicates(threshold=0.9, window=0)
+    duplicates.add("base", "key-1", np.array([1.0, 0.0], np.float32))
+
+    assert duplicates.find("key-1", np.array([1.0, 0.0], np.float32)) is None
