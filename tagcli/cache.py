@@ -1,4 +1,4 @@
-"""The embedding cache: embeddings of texts seen before, in SQLite under the state folder.
+"""Embeddings of texts seen before, kept in SQLite in the state folder.
 
 A row's key is the sha256 of the model id, the backend name ("torch" or
 "onnx-int8", as the artifact's manifest records it) and the text, so a cache
@@ -48,7 +48,7 @@ def cache_key(model_id: str, backend: str, text: str) -> bytes:
 
 @dataclass
 class CacheStats:
-    """Counts for one open cache: looked-up texts found or not, rows written, trimmed."""
+    """Counts of one open cache: texts found and missing, rows written and trimmed."""
 
     hits: int = 0
     misses: int = 0
@@ -73,6 +73,7 @@ class EmbeddingCache:
         self.backend = backend
         self.max_rows = max_rows
         self.stats = CacheStats()
+        self._last_stamp = 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._connection = sqlite3.connect(
@@ -121,7 +122,7 @@ class EmbeddingCache:
         if not texts:
             return
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-        now = time.time_ns()
+        now = self._stamp()
         rows = [
             (key, embeddings.shape[1], embeddings[row].tobytes(), now)
             for row, key in enumerate(self.keys(texts))
@@ -138,8 +139,13 @@ class EmbeddingCache:
     def count(self) -> int:
         return self._connection.execute("SELECT COUNT(*) FROM embeddings").fetchone()[0]
 
+    def _stamp(self) -> int:
+        """Return a last_used value in ns that grows with every call in this process."""
+        self._last_stamp = max(time.time_ns(), self._last_stamp + 1)
+        return self._last_stamp
+
     def _touch(self, keys: list[bytes]) -> None:
-        now = time.time_ns()
+        now = self._stamp()
         with self._transaction():
             self._connection.executemany(
                 "UPDATE embeddings SET last_used = ? WHERE key = ?",
@@ -147,7 +153,7 @@ class EmbeddingCache:
             )
 
     def _trim(self) -> None:
-        """Delete the least recently used rows beyond `max_rows` (inside a transaction)."""
+        """Delete the least recently used rows beyond `max_rows` in the transaction."""
         excess = self.count() - self.max_rows
         if excess <= 0:
             return

@@ -81,7 +81,8 @@ def test_stream_answers_each_line_before_next(small_model):
     reader = LineReader(process)
     try:
         for item_id, title, description in items:
-            process.stdin.write((item_line(item_id, title, description) + "\n").encode())
+            line = item_line(item_id, title, description) + "\n"
+            process.stdin.write(line.encode())
             process.stdin.flush()
 
             # stdin stays open: the reply must come while predict still waits
