@@ -93,8 +93,9 @@ def run_tag(
     command = [sys.executable, "-m", "tagcli", "-q", "tag", str(dump), "-o", str(output)]
     # The dump repeats the sample rows with numbered titles: all near duplicates.
     command.append("--keep-duplicates")
+    # Without --no-cache a repeated run would read its embeddings from the cache.
     command += ["--overwrite", "--executor", executor, "--backend", backend]
-    command += ["--model", str(model)]
+    command += ["--no-cache", "--model", str(model)]
     started = time.monotonic()
     job = subprocess.Popen(command)
     peak = 0

@@ -106,7 +106,11 @@ class Predictor:
         spec = ModelSpec(
             self.artifact.manifest["embedding"]["model"], config.embedding.offline
         )
-        self.encoder = load_encoder(spec)
+        # One item is a few dozen tokens: torch's intra-op threads cost more in
+        # hand-offs than they save at that size, and a second thread competes
+        # with the rest of the machine. On a shared 2-CPU machine one thread
+        # embedded an item in about a third of the time two took.
+        self.encoder = load_encoder(spec, threads=1)
         self.duplicates = StreamDuplicates(
             config.predict.near_duplicate_threshold, config.predict.duplicate_window
         )
