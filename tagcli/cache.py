@@ -166,7 +166,7 @@ class EmbeddingCache:
         log.debug("Trimmed %d least recently used rows from %s", excess, self.path)
 
     def _transaction(self):
-        return _Transaction(self._connection)
+        return _Transaction(self._connection, self.path)
 
 
 class CacheReader:
@@ -246,14 +246,35 @@ class _Transaction:
     the busy timeout instead of failing when it upgrades a read lock.
     """
 
-    def __init__(self, connection: sqlite3.Connection) -> None:
+    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
         self.connection = connection
+        self.path = path
 
     def __enter__(self) -> None:
-        self.connection.execute("BEGIN IMMEDIATE")
+        try:
+            self.connection.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as error:
+            raise cache_error(self.path, error) from error
 
     def __exit__(self, exc_type, exc, traceback) -> None:
         if exc_type is None:
-            self.connection.execute("COMMIT")
-        else:
+            try:
+                self.connection.execute("COMMIT")
+            except sqlite3.Error as error:
+                raise cache_error(self.path, error) from error
+            return
+        if self.connection.in_transaction:
             self.connection.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            raise cache_error(self.path, exc) from exc
+
+
+def cache_error(path: Path, error: sqlite3.Error) -> TagcliError:
+    """Return the TagcliError for a failed cache read or write, with what to do."""
+    hint = ""
+    if "locked" in str(error):
+        hint = f" Another run held the write lock for over {BUSY_TIMEOUT_S:g} s."
+    return TagcliError(
+        f"{path}: embedding cache failed: {error}.{hint} Retry, point [paths] "
+        "state_dir at another folder, or pass --no-cache."
+    )

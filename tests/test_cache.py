@@ -246,3 +246,20 @@ def test_partly_cached_run_on_ray(tmp_path, small_model):
         assert tagged["tag"].to_list() == expected["tag"].to_list()
         difference = (tagged["confidence"] - expected["confidence"]).abs().max()
         assert difference < 1e-5
+
+
+def test_corrupt_cache_names_file_and_fix(tmp_path, small_model):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / CACHE_FILE).write_bytes(b"this is not an SQLite database" * 100)
+    config = write_config(tmp_path, paths={"state_dir": "state"})
+
+    result = run_cli(
+        "tag", SAMPLE_BATCH, "-o", tmp_path / "out.parquet", "--model", small_model,
+        config=config,
+    )
+
+    assert result.exit_code == 3
+    assert str(state / CACHE_FILE) in result.output
+    assert "--no-cache" in result.output
+    assert not (tmp_path / "out.parquet").exists()
