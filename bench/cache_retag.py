@@ -1,9 +1,9 @@
 """Measure `tagcli tag` on a dump, then again with every text in the embedding cache.
 
-Builds a Parquet dump of ROWS unique rows from the sample data (as
-bench/tag_throughput.py does), then runs `tagcli tag` on it twice as a
-subprocess, with a fresh state folder from a temporary tagcli.toml: the first
-run embeds every row and fills the cache, the second finds every row there.
+Builds a Parquet dump of ROWS unique rows from the sample data, as
+bench/tag_throughput.py does. Then runs `tagcli tag` on it twice as a
+subprocess, with a fresh state folder from a temporary tagcli.toml. The first
+run embeds every row and fills the cache, and the second finds every row there.
 Both wall times include Python start-up and, on the first run, loading the
 model (and starting Ray with --executor ray). The script fails when the
 second run does not report every row as cached.

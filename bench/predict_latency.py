@@ -1,9 +1,9 @@
 """Measure `tagcli predict` latency per item, and the start-up time of the CLI.
 
-Starts `tagcli predict` as a subprocess with pipes, waits for the reply to a
-first item (so Python, torch and the model are loaded), then feeds ITEMS items
-one at a time through the same stream: write one JSON line, wait for its
-reply, write the next. The latency of an item is the wall time from writing
+Starts `tagcli predict` as a subprocess with pipes and waits for the reply to
+a first item, so Python, torch and the model are loaded. Then feeds ITEMS items
+one at a time through the same stream. Each JSON line is written only after
+the reply to the one before has been read. The latency of an item is the wall time from writing
 its line to reading its reply, so it includes the pipe, JSON parsing, the
 embedding, the head and the duplicate check. Items are sample rows with a
 numbered suffix, so none is an exact duplicate of another.

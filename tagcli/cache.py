@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 CACHE_FILE = "embeddings.sqlite"
 BUSY_TIMEOUT_S = 60.0
-# SQLite allows 32,766 bound parameters per statement since 3.32; stay well below.
+# Keys per SELECT, well below SQLite's limit on the bound parameters of one
+# statement (SQLITE_MAX_VARIABLE_NUMBER).
 LOOKUP_CHUNK = 500
 
 _SCHEMA = """

@@ -47,8 +47,8 @@ class EmbeddingConfig:
     # onnxruntime; "torch": sentence-transformers on torch. `train` records it
     # in the artifact, and `tag` and `eval` reject a model of the other one.
     backend: str = "onnx-int8"
-    # Embeddings kept in the cache under [paths] state_dir; the least recently
-    # used are dropped beyond this count. 0 turns the cache off.
+    # Embeddings kept in the cache under [paths] state_dir. Beyond this count
+    # the least recently used are deleted. 0 turns the cache off.
     cache_max_rows: int = 200_000
 
 
@@ -140,7 +140,7 @@ class PredictConfig:
     # `tagcli predict` marks an item as a duplicate of an earlier item in the
     # stream when their embeddings reach this cosine similarity.
     near_duplicate_threshold: float = 0.95
-    # Earlier items kept for the near-duplicate check; the oldest drop out.
+    # Earlier items kept for the duplicate check. The oldest drop out first.
     duplicate_window: int = 10_000
 
 

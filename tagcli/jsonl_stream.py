@@ -21,7 +21,7 @@ REQUIRED_FIELDS = ("id", "title", "description")
 
 
 class LineError(ValueError):
-    """A line that cannot be tagged; the message says why and how to fix it."""
+    """A line that cannot be tagged. The message states why and how to fix the line."""
 
     def __init__(self, message: str, item_id=None) -> None:
         super().__init__(message)
@@ -111,7 +111,7 @@ def _json_type(value) -> str:
 def run_stream(predictor: Predictor, source: BinaryIO, output: TextIO) -> StreamSummary:
     """Tag each line of `source` and write one JSON line per line to `output`.
 
-    Reads with `readline`, one line at a time, so a line is answered as soon
+    Reads with `readline`, one line at a time, so each line is tagged as soon
     as it arrives, even when `source` is a pipe that stays open (`tail -f`).
     An error line is {"line": N, "id": ..., "error": "line N: ..."}; `id` is
     there when the line had a usable one.
