@@ -1098,7 +1098,13 @@ def predict(
         click.echo(
             "Reading JSON lines from standard input; end with Ctrl-D.", err=True
         )
-    summary = run_stream(predictor, sys.stdin.buffer, sys.stdout)
+    try:
+        summary = run_stream(predictor, sys.stdin.buffer, sys.stdout)
+    except KeyboardInterrupt:
+        # The usual way to stop `tail -f feed.jsonl | tagcli predict`. Every
+        # line read before the one in progress already has its output line.
+        click.echo("Interrupted; stopped reading standard input.", err=True)
+        sys.exit(130)
     if summary.failed:
         click.echo(
             f"Rejected {summary.failed} of {summary.lines} line(s); their error "
