@@ -750,6 +750,9 @@ def _print_tag_summary(console, summary) -> None:
         else f"on Ray, {summary.workers} worker(s)"
     )
     if summary.cached_rows is not None:
+        if summary.cached_rows == summary.rows_read:
+            # Ray never started, and in-process the model never loaded.
+            where = "nothing"
         where += f", {summary.cached_rows} row(s) from the embedding cache"
     console.print(
         f"Model {summary.model}; embedded {where} with {summary.backend}; "
