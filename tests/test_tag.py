@@ -179,6 +179,8 @@ def test_local_and_ray_paths_agree(tmp_path, small_model):
     local = tmp_path / "local.parquet"
     on_ray = tmp_path / "ray.parquet"
 
+    # Without --no-cache the second run would take every embedding from the
+    # cache that the first run filled, and embed nothing on Ray.
     first = run_cli(
         "tag",
         SAMPLE_BATCH,
@@ -189,6 +191,7 @@ def test_local_and_ray_paths_agree(tmp_path, small_model):
         "--executor",
         "local",
         "--no-history",
+        "--no-cache",
     )
     second = run_cli(
         "tag",
@@ -200,6 +203,7 @@ def test_local_and_ray_paths_agree(tmp_path, small_model):
         "--executor",
         "ray",
         "--no-history",
+        "--no-cache",
     )
 
     assert first.exit_code == 0, first.output
