@@ -1,9 +1,9 @@
 """Embeddings of texts seen before, kept in SQLite in the state folder.
 
-A row's key is the sha256 of the model id, the backend name ("torch" or
-"onnx-int8", as the artifact's manifest records it) and the text, so a cache
-shared by several models or backends never hands one model's vector to
-another. Lookups and writes go one batch at a time, so memory does not grow
+A row's key is the sha256 of the model id, the backend name and the text, so
+a cache shared by several models or backends never hands one model's vector to
+another. The backend name is the one the artifact's manifest records ("torch"
+or "onnx-int8"). Lookups and writes go one batch at a time, so memory does not grow
 with the input. Beyond `max_rows` entries the least recently used are deleted.
 
 Two processes may use the same file at once: the database runs in WAL mode

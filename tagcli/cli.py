@@ -702,6 +702,8 @@ def tag_summary_record(summary, exit_code: int) -> dict:
         "rows_truncated": summary.rows_truncated,
         "rows_needs_review": summary.review_rows,
         "review_threshold": summary.review_threshold,
+        # Rows whose embedding came from the cache; null with --no-cache.
+        "rows_cached": summary.cached_rows,
         "tag_counts": summary.tag_counts,
         "drift": summary.drift,
         "executor": summary.executor,
@@ -750,9 +752,6 @@ def _print_tag_summary(console, summary) -> None:
         else f"on Ray, {summary.workers} worker(s)"
     )
     if summary.cached_rows is not None:
-        if summary.cached_rows == summary.rows_read:
-            # Ray never started, and in-process the model never loaded.
-            where = "nothing"
         where += f", {summary.cached_rows} row(s) from the embedding cache"
     console.print(
         f"Model {summary.model}; embedded {where} with {summary.backend}; "

@@ -16,7 +16,9 @@ from conftest import SAMPLE_BATCH, SAMPLE_CSV, read_output, run_cli, write_confi
 
 from tagcli.cache import CACHE_FILE, EmbeddingCache
 from tagcli.config import load_config
+from tagcli.model import load_artifact
 from tagcli.pipeline import TagOptions, tag
+from tagcli.text import compose_text
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -109,15 +111,17 @@ def test_two_processes_write_at_once(tmp_path):
         assert cache.count() == 2 * 40 * 25
 
 
-def tag_summary(input_path, output, config, model, executor="local", use_cache=True):
-    options = TagOptions(
+def tag_summary(input_path, output, config, model, executor="local", **options):
+    """Run `tag` without the history, which would drop every re-tagged row."""
+    settings = dict(
         model_dir=model,
         executor=executor,
         overwrite=True,
         show_progress=False,
-        use_cache=use_cache,
+        no_history=True,
     )
-    return tag(input_path, output, config, options)
+    settings.update(options)
+    return tag(input_path, output, config, TagOptions(**settings))
 
 
 def cache_rows(state_dir: Path) -> int:
@@ -125,25 +129,30 @@ def cache_rows(state_dir: Path) -> int:
         return cache.count()
 
 
+def embedded_rows(summary) -> int:
+    """Rows a run classified: exact duplicates and rejected rows are not embedded."""
+    return summary.rows_read - summary.rows_duplicate_exact - summary.rows_rejected
+
+
 def test_second_run_embeds_nothing(tmp_path, small_model):
     config = load_config(write_config(tmp_path, paths={"state_dir": "state"}))
-    rows = pl.read_parquet(SAMPLE_BATCH).height
 
     first = tag_summary(SAMPLE_BATCH, tmp_path / "first.parquet", config, small_model)
     second = tag_summary(SAMPLE_BATCH, tmp_path / "second.parquet", config, small_model)
 
     assert first.cached_rows == 0
-    assert second.cached_rows == rows
-    assert cache_rows(tmp_path / "state") == rows
+    assert embedded_rows(second) > 0
+    assert second.cached_rows == embedded_rows(second)
+    assert cache_rows(tmp_path / "state") == embedded_rows(first)
     assert read_output(tmp_path / "first.parquet").equals(
         read_output(tmp_path / "second.parquet")
     )
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_cached_rerun_reports_nothing_embedded(tmp_path, small_model):
+def test_cached_rerun_on_ray_reports_rows(tmp_path, small_model):
     config = write_config(tmp_path, paths={"state_dir": "state"})
-    options = ["--model", small_model, "--executor", "ray"]
+    options = ["--model", small_model, "--executor", "ray", "--no-history"]
 
     first = run_cli(
         "tag", SAMPLE_BATCH, "-o", tmp_path / "a.csv", *options, config=config
@@ -154,8 +163,9 @@ def test_cached_rerun_reports_nothing_embedded(tmp_path, small_model):
 
     assert first.exit_code == 0, first.output
     assert second.exit_code == 0, second.output
-    # Every row came from the cache, so Ray never started.
-    assert "embedded nothing, 200 row(s) from the embedding cache" in second.output
+    assert "0 row(s) from the embedding cache" in first.output
+    rows = cache_rows(tmp_path / "state")
+    assert f"{rows} row(s) from the embedding cache" in second.output
     assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
 
 
@@ -164,7 +174,7 @@ def test_no_cache_leaves_state_untouched(tmp_path, small_model):
 
     result = run_cli(
         "tag", SAMPLE_BATCH, "-o", tmp_path / "out.parquet", "--model", small_model,
-        "--no-cache", config=config,
+        "--no-cache", "--no-history", config=config,
     )
 
     assert result.exit_code == 0, result.output
@@ -172,19 +182,24 @@ def test_no_cache_leaves_state_untouched(tmp_path, small_model):
     assert "from the embedding cache" not in result.output
 
 
-def test_other_backend_misses_cache(tmp_path, small_model):
+def test_cache_key_uses_manifest_backend(tmp_path, small_model):
     config = load_config(write_config(tmp_path, paths={"state_dir": "state"}))
-    other = tmp_path / "other-backend-model"
-    shutil.copytree(small_model, other)
-    manifest_path = other / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["embedding"]["backend"] = "onnx-int8"
-    manifest_path.write_text(json.dumps(manifest))
+    manifest = json.loads((small_model / "manifest.json").read_text())
+    model_id = manifest["embedding"]["model_id"]
+    output = tmp_path / "out.parquet"
 
-    tag_summary(SAMPLE_BATCH, tmp_path / "a.parquet", config, small_model)
-    summary = tag_summary(SAMPLE_BATCH, tmp_path / "b.parquet", config, other)
+    tag_summary(SAMPLE_BATCH, output, config, small_model, keep_duplicates=True)
 
-    assert summary.cached_rows == 0
+    tagged = read_output(output)
+    texts = [
+        compose_text(title, description)
+        for title, description in zip(tagged["title"], tagged["description"])
+    ]
+    state = tmp_path / "state"
+    with EmbeddingCache(state, model_id, "onnx-int8", max_rows=10**6) as cache:
+        assert cache.lookup(texts)[1].all()
+    with EmbeddingCache(state, model_id, "torch", max_rows=10**6) as cache:
+        assert not cache.lookup(texts)[1].any()
 
 
 def test_tag_trims_to_cache_max_rows(tmp_path, small_model):
@@ -198,7 +213,7 @@ def test_tag_trims_to_cache_max_rows(tmp_path, small_model):
 
     summary = tag_summary(SAMPLE_BATCH, tmp_path / "out.parquet", config, small_model)
 
-    assert summary.rows_written == pl.read_parquet(SAMPLE_BATCH).height
+    assert embedded_rows(summary) > 50
     assert cache_rows(tmp_path / "state") == 50
 
 
@@ -211,27 +226,84 @@ def test_partly_cached_run_on_ray(tmp_path, small_model):
     frame.gather_every(3).write_parquet(seen)
     full = tmp_path / "full.parquet"
     frame.write_parquet(full)
-    tag_summary(seen, tmp_path / "seen.tagged.parquet", config, small_model)
+    first = tag_summary(seen, tmp_path / "seen.tagged.parquet", config, small_model)
 
     partly = tag_summary(full, tmp_path / "partly.parquet", config, small_model, "ray")
     uncached = tag_summary(
-        full, tmp_path / "uncached.parquet", config, small_model, "ray", False
+        full, tmp_path / "uncached.parquet", config, small_model, "ray", use_cache=False
     )
     cached = tag_summary(full, tmp_path / "cached.parquet", config, small_model, "ray")
 
-    assert partly.cached_rows == 100
+    assert partly.cached_rows >= embedded_rows(first)
+    assert partly.cached_rows < embedded_rows(partly)
     assert partly.workers >= 1
-    assert cached.cached_rows == 300
-    # Fully cached: no row went to Ray, so no actor was planned.
-    assert cached.workers == 0
-    expected = read_output(tmp_path / "uncached.parquet")
+    assert uncached.cached_rows is None
+    assert cached.cached_rows == embedded_rows(cached)
+    # onnx-int8 embeddings depend on which texts share an encoder batch, so
+    # the reference is the head applied to the vectors in the cache, which
+    # both runs used: partly stored its new ones, and cached read them all.
+    uncached_rows = read_output(tmp_path / "uncached.parquet")
+    artifact = load_artifact(small_model, config.tags.approved)
+    model_id = artifact.manifest["embedding"]["model_id"]
     for name in ("partly.parquet", "cached.parquet"):
         tagged = read_output(tmp_path / name)
-        assert tagged.columns == expected.columns
-        assert tagged["id"].to_list() == frame["id"].to_list()
-        assert tagged["tag"].to_list() == expected["tag"].to_list()
-        difference = (tagged["confidence"] - expected["confidence"]).abs().max()
-        assert difference < 1e-5
+        assert tagged.columns == uncached_rows.columns
+        assert tagged["id"].to_list() == uncached_rows["id"].to_list()
+        texts = [
+            compose_text(title, description)
+            for title, description in zip(tagged["title"], tagged["description"])
+        ]
+        with EmbeddingCache(tmp_path / "state", model_id, "onnx-int8", 10**6) as cache:
+            vectors, found = cache.lookup(texts)
+        assert found.all()
+        probabilities = artifact.head.predict_proba(vectors, texts)
+        expected_tags = [artifact.tags[i] for i in probabilities.argmax(axis=1)]
+        assert tagged["tag"].to_list() == expected_tags
+        difference = np.abs(tagged["confidence"].to_numpy() - probabilities.max(axis=1))
+        assert difference.max() < 1e-6
+
+
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_cached_rows_feed_duplicates_and_history(
+    tmp_path, small_model, executor, request
+):
+    if executor == "ray":
+        request.getfixturevalue("ray_local")
+    # The first run fills the cache without a history. The second, with the
+    # history on, takes every embedding from the cache: its near duplicates
+    # and history must match a run that embedded every row.
+    # The sample has no pair at the default 0.95; 0.85 finds a few.
+    near = {"near_threshold": 0.85}
+    cached_config = load_config(
+        write_config(tmp_path, paths={"state_dir": "a"}, dedupe=near)
+    )
+    tag_summary(SAMPLE_CSV, tmp_path / "fill.parquet", cached_config, small_model)
+    options = dict(no_history=False)
+    cached = tag_summary(
+        SAMPLE_CSV, tmp_path / "cached.parquet", cached_config, small_model,
+        executor, **options,
+    )
+    fresh_config = load_config(
+        write_config(tmp_path, paths={"state_dir": "b"}, dedupe=near)
+    )
+    fresh = tag_summary(
+        SAMPLE_CSV, tmp_path / "fresh.parquet", fresh_config, small_model,
+        executor, use_cache=False, **options,
+    )
+
+    assert cached.cached_rows == embedded_rows(cached)
+    assert cached.rows_duplicate_near > 0
+    assert cached.rows_duplicate_exact == fresh.rows_duplicate_exact
+    assert cached.rows_duplicate_near == fresh.rows_duplicate_near
+    assert cached.history_rows == fresh.history_rows
+    assert (
+        cached.rows_written + cached.rows_duplicate + cached.rows_rejected
+        == cached.rows_read
+    )
+    kept = read_output(tmp_path / "cached.parquet")
+    assert kept["id"].to_list() == read_output(tmp_path / "fresh.parquet")["id"].to_list()
+    assert "__embedding" not in kept.columns
+    assert "__cached" not in kept.columns
 
 
 def test_corrupt_cache_names_file_and_fix(tmp_path, small_model):
@@ -242,7 +314,7 @@ def test_corrupt_cache_names_file_and_fix(tmp_path, small_model):
 
     result = run_cli(
         "tag", SAMPLE_BATCH, "-o", tmp_path / "out.parquet", "--model", small_model,
-        config=config,
+        "--no-history", config=config,
     )
 
     assert result.exit_code == 3
