@@ -1039,9 +1039,10 @@ tagged, so `tail -f feed.jsonl | tagcli predict` works. The model loads once.
 \b
 Each output line has id, tag, confidence, probabilities (per approved tag),
 needs_review (only when the model has a review threshold) and duplicate_of:
-the id of an earlier item of the stream with the same text, or an embedding
-at cosine similarity of at least [predict] near_duplicate_threshold, else
-null. A line that cannot be tagged gets {"line": N, "error": "..."} instead,
+the id of an earlier item of the stream, or of a row that `tag` kept in the
+history in [paths] state_dir, with the same text or an embedding at cosine
+similarity of at least [predict] near_duplicate_threshold, else null.
+Predict reads the history once at start and never writes it. A line that cannot be tagged gets {"line": N, "error": "..."} instead,
 and the stream goes on; the exit code is then 4.
 """
 
@@ -1066,6 +1067,11 @@ PREDICT_EXIT_CODES_HELP = (
     type=click.Path(file_okay=False, path_type=Path),
     help="Model artifact folder. Default: the newest under [paths] models_dir.",
 )
+@click.option(
+    "--no-history",
+    is_flag=True,
+    help="Find duplicates only within the stream, not in the history of `tag` runs.",
+)
 @output_options
 @click.pass_obj
 def predict(
@@ -1074,6 +1080,7 @@ def predict(
     description: str | None,
     item_id: str | None,
     model_dir: Path | None,
+    no_history: bool,
 ) -> None:
     from tagcli.jsonl_stream import run_stream
     from tagcli.predict import Item, Predictor
@@ -1090,7 +1097,7 @@ def predict(
             "--title and --description are both empty; give the text to tag."
         )
 
-    predictor = Predictor(obj.config, model_dir)
+    predictor = Predictor(obj.config, model_dir, use_history=not no_history)
     if single:
         result = predictor.predict(Item(item_id, title or "", description or ""))
         click.echo(json.dumps(result))

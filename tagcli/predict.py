@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tagcli.config import Config
-from tagcli.embed import ModelSpec
 from tagcli.text import content_key, compose_text
 
 log = logging.getLogger(__name__)
@@ -32,18 +31,54 @@ class Item:
     description: str
 
 
-def history_duplicate_of(key: str, embedding, threshold: float) -> str | int | None:
-    """Return the id of an item from an earlier run with the same content, or None.
+class HistoryLookup:
+    """Read-only lookups in the history that `tag` keeps in [paths] state_dir.
 
-    `key` is the item's content key (`tagcli.text.content_key`) and `embedding`
-    its L2-normalised embedding; `threshold` is the cosine similarity from which
-    two items count as near duplicates. A store of earlier runs' items plugs in
-    here. `StreamDuplicates` calls it for every item that matches no earlier
-    item of the current stream.
+    Finds an item's exact duplicate by the content key that `tag` stores
+    (`tagcli.dedupe.short_key`), else its most similar history vector. The
+    history is read once, when predict starts, and without the lock, because
+    `tag` replaces its index file atomically. Predict never writes it.
     """
-    # TODO: no history of earlier runs is stored yet, so only duplicates within
-    # the current stream are found.
-    return None
+
+    def __init__(
+        self, state_dir: Path, model_id: str, dimension: int, exact_limit: int
+    ) -> None:
+        from tagcli.history import read_history
+
+        history = read_history(state_dir)
+        self.rows = history.rows
+        if self.rows == 0:
+            return
+        history.check_model(model_id, dimension)
+        self.keys, self.positions = history.sorted_keys()
+        self.index = history.load_index(dimension, exact_limit)
+        self.history_id = history.id_lookup()
+        # NOTE: rows that `tag` adds while predict runs are not seen until
+        # predict restarts.
+        log.info("Loaded %d history rows from %s", self.rows, state_dir)
+
+    def find(self, item: Item, embedding, threshold: float) -> str | None:
+        """Return the id of a history row that `item` duplicates, or None.
+
+        `embedding` is the item's L2-normalised embedding, and `threshold` the
+        cosine similarity from which two items count as near duplicates.
+        History ids are strings, as `tag` stores them.
+        """
+        import numpy as np
+
+        from tagcli.dedupe import EMPTY_KEY, short_key
+
+        if self.rows == 0:
+            return None
+        key = short_key(item.title, item.description)
+        if key != EMPTY_KEY:
+            found = int(np.searchsorted(self.keys, key))
+            if found < len(self.keys) and self.keys[found] == key:
+                return self.history_id(int(self.positions[found]))
+        similarity, position = self.index.search(embedding[np.newaxis, :])
+        if similarity[0] >= threshold:
+            return self.history_id(int(position[0]))
+        return None
 
 
 class StreamDuplicates:
@@ -52,18 +87,22 @@ class StreamDuplicates:
     Exact duplicates share a content key (same title and description, ignoring
     case and spacing). Near duplicates have embeddings at cosine similarity of
     at least `threshold`. Only the last `window` items are kept for the
-    near-duplicate check; exact keys are kept for the same items.
+    near-duplicate check; exact keys are kept for the same items. An item
+    that matches none of them is looked up in `history`, when one is given.
     """
 
-    def __init__(self, threshold: float, window: int) -> None:
+    def __init__(
+        self, threshold: float, window: int, history: HistoryLookup | None = None
+    ) -> None:
         self.threshold = threshold
         self.window = window
+        self.history = history
         self._ids_by_key: OrderedDict[str, str | int | None] = OrderedDict()
         self._ids: list = []
         self._embeddings = None
         self._next_slot = 0
 
-    def find(self, key: str, embedding) -> str | int | None:
+    def find(self, item: Item, key: str, embedding) -> str | int | None:
         """Return the id of the earlier item this one duplicates, or None."""
         if key in self._ids_by_key:
             return self._ids_by_key[key]
@@ -73,7 +112,9 @@ class StreamDuplicates:
             best = int(similarities.argmax())
             if similarities[best] >= self.threshold:
                 return self._ids[best]
-        return history_duplicate_of(key, embedding, self.threshold)
+        if self.history is not None:
+            return self.history.find(item, embedding, self.threshold)
+        return None
 
     def add(self, item_id, key: str, embedding) -> None:
         """Remember an item, dropping the oldest once `window` items are kept."""
@@ -98,25 +139,38 @@ class StreamDuplicates:
 class Predictor:
     """Tags items one at a time: the artifact and the encoder load once, in __init__."""
 
-    def __init__(self, config: Config, model_dir: Path | None = None) -> None:
-        from tagcli.embed import load_encoder
+    def __init__(
+        self, config: Config, model_dir: Path | None = None, use_history: bool = True
+    ) -> None:
+        from tagcli.backends import check_artifact_backend, load_artifact_backend
         from tagcli.pipeline import resolve_artifact
 
         self.artifact = resolve_artifact(config, model_dir)
-        spec = ModelSpec(
-            self.artifact.manifest["embedding"]["model"], config.embedding.offline
-        )
-        # One item is a few dozen tokens: torch's intra-op threads cost more in
+        check_artifact_backend(self.artifact, config.embedding.backend)
+        # One item is a few dozen tokens: intra-op threads cost more in
         # hand-offs than they save at that size, and a second thread competes
         # with the rest of the machine. On a shared 2-CPU machine (load average
-        # about 7), embed_texts took 23 to 58 ms per item on one thread and 160
-        # to 200 ms on two.
-        self.encoder = load_encoder(spec, threads=1)
+        # about 7), the torch backend took 23 to 58 ms per item on one thread
+        # and 160 to 200 ms on two.
+        self.encoder = load_artifact_backend(
+            self.artifact, config.embedding.offline, threads=1
+        )
+        embedding = self.artifact.manifest["embedding"]
+        history = None
+        if use_history:
+            history = HistoryLookup(
+                config.paths.state_dir,
+                embedding["model_id"],
+                embedding["dimension"],
+                config.dedupe.exact_search_max_rows,
+            )
         self.duplicates = StreamDuplicates(
-            config.predict.near_duplicate_threshold, config.predict.duplicate_window
+            config.predict.near_duplicate_threshold,
+            config.predict.duplicate_window,
+            history,
         )
         self.review_threshold = self.artifact.manifest.get(REVIEW_THRESHOLD_KEY)
-        # The first encode initialises torch's kernels; do it before the first
+        # The first encode initialises the backend's kernels; do it before the first
         # item arrives, so that item gets the same latency as the rest.
         self.predict(Item(None, "warm-up", "warm-up"), remember=False)
 
@@ -137,7 +191,7 @@ class Predictor:
         tags = self.artifact.head.tags
 
         key = content_key(item.title, item.description)
-        duplicate_of = self.duplicates.find(key, embeddings[0])
+        duplicate_of = self.duplicates.find(item, key, embeddings[0])
         if remember:
             self.duplicates.add(item.id, key, embeddings[0])
 

@@ -12,10 +12,14 @@ import time
 
 import numpy as np
 from click.testing import CliRunner
-from conftest import run_cli
+import polars as pl
+from conftest import SAMPLE_CSV, run_cli, write_config
 
+from tagcli.backends import OnnxInt8Backend
 from tagcli.cli import main
-from tagcli.predict import StreamDuplicates
+from tagcli.config import load_config
+from tagcli.history import INDEX_FILE
+from tagcli.predict import Item, Predictor, StreamDuplicates
 
 TAGS = ["natural-language-processing", "computer-vision", "mlops", "other"]
 # Generous: the first reply waits for Python, torch and the model to load on
@@ -242,6 +246,63 @@ def test_needs_review_follows_threshold(tmp_path, small_model):
     assert json.loads(result.output)["needs_review"] is True
 
 
+def test_stream_finds_history_duplicates(tmp_path, small_model):
+    config = write_config(tmp_path, paths={"state_dir": "state"})
+    frame = pl.read_csv(SAMPLE_CSV, infer_schema=False).head(30)
+    dump = tmp_path / "dump.csv"
+    frame.select("id", "title", "description").write_csv(dump)
+    tagged = run_cli(
+        "tag", dump, "-o", tmp_path / "out.csv", "--model", small_model, config=config
+    )
+    assert tagged.exit_code == 0, tagged.output
+    index = tmp_path / "state" / INDEX_FILE
+    index_before = index.read_bytes()
+    kept = pl.read_csv(tmp_path / "out.csv", infer_schema=False).row(0, named=True)
+    lines = [
+        # Same text as a row `tag` kept, but for case and spacing.
+        item_line("a", kept["title"].upper(), "  " + kept["description"]),
+        item_line("b", "Quantum annealing schedules", "Ising spin glass hardware"),
+    ]
+
+    command = ["--config", str(config), "predict", "--model", str(small_model)]
+    result = CliRunner().invoke(main, command, input="\n".join(lines))
+    without = CliRunner().invoke(
+        main, command + ["--no-history"], input="\n".join(lines)
+    )
+
+    assert result.exit_code == 0, result.output
+    replies = [json.loads(line) for line in result.output.splitlines()]
+    # History ids are strings, as `tag` stores them.
+    assert replies[0]["duplicate_of"] == kept["id"]
+    assert replies[1]["duplicate_of"] is None
+    assert without.exit_code == 0, without.output
+    replies = [json.loads(line) for line in without.output.splitlines()]
+    assert replies[0]["duplicate_of"] is None
+    # predict reads the history and never writes it.
+    assert index.read_bytes() == index_before
+
+
+def test_predictor_uses_artifact_backend(tmp_path, small_model):
+    config = load_config(write_config(tmp_path, paths={"state_dir": "state"}))
+
+    predictor = Predictor(config, small_model)
+
+    assert isinstance(predictor.encoder, OnnxInt8Backend)
+
+
+def test_predict_rejects_other_backend(tmp_path, small_model):
+    config = write_config(
+        tmp_path, paths={"state_dir": "state"}, embedding={"backend": "torch"}
+    )
+
+    result = run_cli(
+        "predict", "--model", small_model, "--title", "Pose estimation", config=config
+    )
+
+    assert result.exit_code == 2
+    assert "--backend onnx-int8" in result.output
+
+
 def test_help_and_version_import_no_heavy_package():
     probe = (
         "import json, runpy, sys\n"
@@ -267,6 +328,10 @@ def test_help_and_version_import_no_heavy_package():
         assert loaded == [], f"tagcli {option} imported {loaded}"
 
 
+# The stream tests below have no history, so the item is never read.
+ANY_ITEM = Item(None, "title", "description")
+
+
 def test_duplicates_window_drops_oldest():
     duplicates = StreamDuplicates(threshold=0.95, window=2)
     vectors = np.eye(3, dtype=np.float32)
@@ -275,9 +340,9 @@ def test_duplicates_window_drops_oldest():
     duplicates.add("second", "key-2", vectors[1])
     duplicates.add("third", "key-3", vectors[2])
 
-    assert duplicates.find("key-1", vectors[0]) is None
-    assert duplicates.find("key-2", np.zeros(3, np.float32)) == "second"
-    assert duplicates.find("other", vectors[2]) == "third"
+    assert duplicates.find(ANY_ITEM, "key-1", vectors[0]) is None
+    assert duplicates.find(ANY_ITEM, "key-2", np.zeros(3, np.float32)) == "second"
+    assert duplicates.find(ANY_ITEM, "other", vectors[2]) == "third"
 
 
 def test_duplicates_threshold_is_inclusive():
@@ -287,12 +352,12 @@ def test_duplicates_threshold_is_inclusive():
     at_threshold = np.array([0.8, 0.6], np.float32)
     below = np.array([0.7, np.sqrt(1 - 0.49)], np.float32)
 
-    assert duplicates.find("key-2", at_threshold) == "base"
-    assert duplicates.find("key-3", below) is None
+    assert duplicates.find(ANY_ITEM, "key-2", at_threshold) == "base"
+    assert duplicates.find(ANY_ITEM, "key-3", below) is None
 
 
 def test_duplicates_window_zero_keeps_nothing():
     duplicates = StreamDuplicates(threshold=0.9, window=0)
     duplicates.add("base", "key-1", np.array([1.0, 0.0], np.float32))
 
-    assert duplicates.find("key-1", np.array([1.0, 0.0], np.float32)) is None
+    assert duplicates.find(ANY_ITEM, "key-1", np.array([1.0, 0.0], np.float32)) is None
