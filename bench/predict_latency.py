@@ -1,8 +1,8 @@
 """Measure `tagcli predict` latency per item, and the start-up time of the CLI.
 
 Starts `tagcli predict` as a subprocess with pipes and waits for the reply to
-a first item, so Python, torch and the model are loaded. Then feeds ITEMS items
-one at a time through the same stream. Each JSON line is written only after
+a first item, so Python, the embedding backend and the model are loaded. Then
+feeds ITEMS items one at a time through the same stream. Each JSON line is written only after
 the reply to the one before has been read. The latency of an item is the wall time from writing
 its line to reading its reply, so it includes the pipe, JSON parsing, the
 embedding, the head and the duplicate check. Items are sample rows with a
