@@ -480,7 +480,8 @@ A progress bar shows on a terminal; otherwise a log line every 10 s.
 
 \b
 Review and drift: rows with confidence below [review] threshold get
-needs_review = true and also go to OUTPUT.review.EXT beside the output. Rows
+needs_review = true and also go to OUTPUT.review.EXT beside the output
+(NAME-review.EXT beside a folder output NAME/). Rows
 farther from the training data than [drift] ood_quantile of the training
 rows get out_of_distribution = true. The summary shows the drift table;
 with --fail-on-drift, a drifted batch exits with status 5.

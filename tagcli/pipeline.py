@@ -54,8 +54,8 @@ from tagcli.rows import (
 from tagcli.writer import (
     RejectsWriter,
     check_output_apart,
-    is_folder_output,
     open_writer,
+    sidecar_path,
 )
 
 log = logging.getLogger(__name__)
@@ -311,16 +311,8 @@ class TagSummary:
 
 
 def duplicates_path(output_path: str | Path, folder_format: str) -> Path:
-    """Return the duplicates file beside the output: NAME.duplicates.EXT.
-
-    A folder output `out/NAME/` gets `out/NAME-duplicates.<folder_format>`,
-    which no file output's `.duplicates.` name can equal.
-    """
-    if is_folder_output(output_path):
-        folder = Path(output_path)
-        return folder.with_name(f"{folder.name}-duplicates.{folder_format}")
-    path = Path(output_path)
-    return path.with_name(f"{path.stem}.duplicates{path.suffix}")
+    """Return the duplicates file beside the output (see `writer.sidecar_path`)."""
+    return sidecar_path(output_path, "duplicates", folder_format)
 
 
 def resolve_artifact(config: Config, model_dir: Path | None) -> Artifact:
@@ -572,14 +564,8 @@ def _start_monitoring(artifact: Artifact, config: Config):
 
 
 def review_output_path(output_path: str | Path, folder_format: str) -> Path:
-    """Return the review file beside an output: `NAME.review.EXT`.
-
-    A folder output `NAME/` gets one file `NAME.review.<folder_format>`.
-    """
-    path = Path(output_path)
-    if is_folder_output(output_path):
-        return path.with_name(f"{path.name}.review.{folder_format}")
-    return path.with_name(f"{path.stem}.review{path.suffix}")
+    """Return the review file beside the output (see `writer.sidecar_path`)."""
+    return sidecar_path(output_path, "review", folder_format)
 
 
 def _local_batches(

@@ -10,7 +10,6 @@ the batch into tagged rows and rows for the rejects file.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,13 +129,7 @@ def split_rejects(batch, renames: dict[str, str], added: list[str]) -> SplitBatc
 
 
 def rejects_path(output: str | Path, folder_format: str) -> Path:
-    """Return the rejects file beside `output`: OUT.rejects.EXT.
+    """Return the rejects file beside `output` (see `writer.sidecar_path`)."""
+    from tagcli.writer import sidecar_path
 
-    A file output keeps its extension; a folder output `out/NAME/` gets
-    `out/NAME-rejects.<part format>`, which no file output's name can equal.
-    """
-    text = str(output).rstrip("/" + os.sep)
-    path = Path(text)
-    if str(output).endswith(("/", os.sep)) or path.is_dir() or not path.suffix:
-        return path.with_name(f"{path.name}-rejects.{folder_format}")
-    return path.with_name(f"{path.stem}.rejects{path.suffix}")
+    return sidecar_path(output, "rejects", folder_format)

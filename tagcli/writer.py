@@ -121,6 +121,21 @@ class FolderWriter:
         shutil.rmtree(self._staging, ignore_errors=True)
 
 
+def sidecar_path(output: str | Path, kind: str, folder_format: str) -> Path:
+    """Return the file beside `output` for rows of one `kind` (rejects, duplicates, review).
+
+    A file output `out/NAME.EXT` gets `out/NAME.<kind>.EXT`. A folder output
+    `out/NAME/` gets `out/NAME-<kind>.<folder_format>`, outside the folder so
+    that reading the folder back finds only part files, and under a name that
+    no file output's sidecar can take.
+    """
+    if is_folder_output(output):
+        folder = Path(str(output).rstrip("/" + os.sep))
+        return folder.with_name(f"{folder.name}-{kind}.{folder_format}")
+    path = Path(output)
+    return path.with_name(f"{path.stem}.{kind}{path.suffix}")
+
+
 def is_folder_output(path: Path) -> bool:
     """Return whether `path` names a folder output: an existing folder, or a trailing slash."""
     return Path(path).is_dir() or str(path).endswith(("/", os.sep))

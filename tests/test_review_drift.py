@@ -140,7 +140,7 @@ def test_folder_output_gets_review_file(tmp_path, small_model):
     )
 
     assert result.exit_code == 0, result.output
-    review = pl.read_parquet(tmp_path / "tagged.review.parquet")
+    review = pl.read_parquet(tmp_path / "tagged-review.parquet")
     tagged = pl.read_parquet(sorted(output.glob("part-*.parquet")))
     assert review.height == tagged.filter(pl.col("confidence") < 0.95).height
 
