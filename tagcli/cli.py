@@ -239,6 +239,15 @@ def backend_option(command):
     )(command)
 
 
+def model_option(command):
+    return click.option(
+        "--model",
+        "model_dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Model artifact folder. Default: the newest under [paths] models_dir.",
+    )(command)
+
+
 def encoding_option(command):
     return click.option(
         "--encoding",
@@ -522,12 +531,7 @@ with --fail-on-drift, a drifted batch exits with status 5.
     type=click.Choice(["parquet", "csv"]),
     help="Format of the part files when the output is a folder. Default: parquet.",
 )
-@click.option(
-    "--model",
-    "model_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Model artifact folder. Default: the newest under [paths] models_dir.",
-)
+@model_option
 @click.option(
     "--executor",
     type=click.Choice(["auto", "ray", "local"]),
@@ -773,12 +777,7 @@ def _print_tag_summary(console, summary) -> None:
     short_help="Evaluate a model: precision, recall, F1 per tag and slice.",
 )
 @click.argument("data", required=False, type=click.Path(path_type=Path))
-@click.option(
-    "--model",
-    "model_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Model artifact folder. Default: the newest under [paths] models_dir.",
-)
+@model_option
 @click.option(
     "--json",
     "json_path",
@@ -1062,12 +1061,7 @@ PREDICT_EXIT_CODES_HELP = (
 @click.option("--title", help="Title of the one item to tag.")
 @click.option("--description", help="Description of the one item to tag.")
 @click.option("--id", "item_id", help="Id of the one item, copied to the output.")
-@click.option(
-    "--model",
-    "model_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Model artifact folder. Default: the newest under [paths] models_dir.",
-)
+@model_option
 @click.option(
     "--no-history",
     is_flag=True,

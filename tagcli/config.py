@@ -117,8 +117,8 @@ class DedupeConfig:
 @dataclass
 class ReviewConfig:
     # Rows with a confidence below this go to the review queue. "auto" uses the
-    # threshold chosen at train time, which puts `error_share` of the
-    # validation errors below it; a number from 0 to 1 sets it directly.
+    # threshold chosen at train time so that `error_share` of the validation
+    # errors fall below it. A number from 0 to 1 sets it directly.
     threshold: str | float = "auto"
     error_share: float = 0.8
 

@@ -104,7 +104,7 @@ def reliability_table(confidences, correct, bins: int = RELIABILITY_BINS) -> dic
 
     Rows fall into `bins` equal-width confidence bins over [0, 1]. Each bin
     reports its mean confidence, its accuracy, the gap between them and the
-    gap weighted by the bin's share of rows; the ECE is the sum of those
+    gap weighted by the bin's share of rows. The ECE is the sum of those
     weighted gaps. Empty bins are listed with None.
     """
     import numpy as np
@@ -112,7 +112,8 @@ def reliability_table(confidences, correct, bins: int = RELIABILITY_BINS) -> dic
     confidences = np.asarray(confidences, dtype=np.float64)
     correct = np.asarray(correct, dtype=bool)
     rows = len(confidences)
-    # Bin i holds confidences in [i/bins, (i+1)/bins); a confidence of 1 goes to the last.
+    # Bin i contains confidences in [i/bins, (i+1)/bins), and a confidence of 1
+    # goes to the last bin.
     index = np.minimum((confidences * bins).astype(int), bins - 1)
     table = []
     ece = 0.0
@@ -241,7 +242,7 @@ def evaluate_model(
     `feedback`, the rows are the corrections in the state folder instead (see
     `tagcli.feedback.feedback_evaluation_rows`). The report's "leak" entry
     counts evaluation rows whose title and description match rows the saved
-    head was fitted on, and "calibration" holds the reliability table.
+    head was fitted on, and "calibration" contains the reliability table.
     """
     from pathlib import Path
 
