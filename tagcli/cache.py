@@ -80,15 +80,30 @@ class EmbeddingCache:
             self._connection = sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None
             )
-            self._connection.execute("PRAGMA journal_mode=WAL")
-            self._connection.execute("PRAGMA synchronous=NORMAL")
-            self._connection.executescript(_SCHEMA)
+            self._set_up_database()
         except (OSError, sqlite3.Error) as error:
             raise TagcliError(
                 f"{self.path}: cannot open the embedding cache: {error}. Fix the "
                 "permissions of [paths] state_dir, point it elsewhere, or pass "
                 "--no-cache."
             ) from error
+
+    def _set_up_database(self) -> None:
+        """Switch to WAL and create the tables, retrying while another process does the same.
+
+        SQLite can return "database is locked" at once, without waiting for the
+        busy timeout, when two connections switch a new file to WAL together.
+        """
+        for attempt in range(50):
+            try:
+                self._connection.execute("PRAGMA journal_mode=WAL")
+                self._connection.execute("PRAGMA synchronous=NORMAL")
+                self._connection.executescript(_SCHEMA)
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or attempt == 49:
+                    raise
+                time.sleep(0.1)
 
     def __enter__(self) -> EmbeddingCache:
         return self
