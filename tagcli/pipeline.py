@@ -315,13 +315,15 @@ def duplicates_path(output_path: str | Path, folder_format: str) -> Path:
     return sidecar_path(output_path, "duplicates", folder_format)
 
 
+def artifact_path(config: Config, model_dir: Path | None) -> Path:
+    """Return `model_dir`, or the newest artifact folder under `[paths] models_dir`."""
+    if model_dir:
+        return Path(model_dir)
+    return newest_artifact(config.paths.models_dir, config.source)
+
+
 def resolve_artifact(config: Config, model_dir: Path | None) -> Artifact:
-    path = (
-        Path(model_dir)
-        if model_dir
-        else newest_artifact(config.paths.models_dir, config.source)
-    )
-    return load_artifact(path, config.tags.approved)
+    return load_artifact(artifact_path(config, model_dir), config.tags.approved)
 
 
 def choose_executor(
@@ -355,10 +357,13 @@ def tag(
     """
     options = options or TagOptions()
     started = time.monotonic()
-    artifact = resolve_artifact(config, options.model_dir)
-    check_artifact_backend(artifact, config.embedding.backend)
+    # A missing model folder or input file is reported before the slower
+    # artifact load, which checks hashes and unpickles the head.
+    model_path = artifact_path(config, options.model_dir)
     source = open_source(Path(input_path), INPUT_COLUMNS, options.encoding)
     check_output_apart(source.path, output_path)
+    artifact = load_artifact(model_path, config.tags.approved)
+    check_artifact_backend(artifact, config.embedding.backend)
 
     added = output_columns(artifact.tags)
     renames = {name: f"input_{name}" for name in source.columns if name in added}

@@ -175,6 +175,22 @@ def test_changed_head_is_rejected(tmp_path, small_model):
     assert not (tmp_path / "out.parquet").exists()
 
 
+def test_missing_input_before_bad_model(tmp_path, small_model):
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(small_model, copy)
+    with (copy / "head.joblib").open("ab") as handle:
+        handle.write(b"tampered")
+    missing = tmp_path / "no_such_dump.csv"
+
+    result = run_cli("tag", missing, "-o", tmp_path / "out.parquet", "--model", copy)
+
+    assert result.exit_code == 3
+    assert f"{missing}: file not found" in result.output
+    assert "does not match the manifest" not in result.output
+
+
 def test_local_and_ray_paths_agree(tmp_path, small_model):
     local = tmp_path / "local.parquet"
     on_ray = tmp_path / "ray.parquet"
