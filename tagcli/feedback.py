@@ -9,6 +9,7 @@ labeled data, and `tagcli eval --feedback` measures the current model on them.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -136,8 +137,10 @@ def record_feedback(path: Path, config, encoding: str = "utf-8") -> dict:
     store = store_path(config)
     store.parent.mkdir(parents=True, exist_ok=True)
     # All records of the file go out in one append, after every row is valid.
-    # NOTE: two `tagcli feedback` runs at once are not locked against each other.
+    # The exclusive flock keeps two runs' appends from interleaving, and
+    # readers (shared flock) from seeing half an append.
     with store.open("a", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
         handle.write("".join(lines))
         handle.flush()
         os.fsync(handle.fileno())
@@ -155,6 +158,7 @@ def load_feedback(config) -> dict[str, dict]:
         return {}
     latest: dict[str, dict] = {}
     with store.open(encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_SH)
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue

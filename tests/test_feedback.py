@@ -51,6 +51,33 @@ def test_feedback_from_jsonl_appends(tmp_path, config):
     assert [line["tag"] for line in store_lines(tmp_path)] == ["mlops", "other"]
 
 
+def test_concurrent_feedback_keeps_lines(tmp_path, config):
+    import os
+    import subprocess
+    import sys
+
+    files = []
+    for run in range(4):
+        path = tmp_path / f"fix{run}.csv"
+        rows = "".join(f"{run}-{number},mlops,note {number}\n" for number in range(5000))
+        path.write_text("id,tag,note\n" + rows)
+        files.append(path)
+    command = [sys.executable, "-m", "tagcli", "--config", str(config), "feedback"]
+
+    runs = [
+        subprocess.Popen(command + [str(path)], cwd=tmp_path, env=os.environ.copy())
+        for path in files
+    ]
+
+    assert [run.wait(timeout=120) for run in runs] == [0, 0, 0, 0]
+    ids = [line["id"] for line in store_lines(tmp_path)]
+    assert len(ids) == 20000
+    # Each run's rows arrive in one piece, in file order.
+    for run in range(4):
+        start = ids.index(f"{run}-0")
+        assert ids[start : start + 5000] == [f"{run}-{n}" for n in range(5000)]
+
+
 def test_unapproved_tag_is_rejected(tmp_path, config):
     corrections = tmp_path / "fix.csv"
     corrections.write_text("id,tag\n1,mlops\n2,robotics\n3,other\n")
