@@ -51,6 +51,7 @@ from tagcli.rows import (
     rejects_path,
     split_rejects,
 )
+from tagcli.signals import sigterm_deferred
 from tagcli.writer import (
     RejectsWriter,
     check_output_apart,
@@ -507,22 +508,32 @@ def tag(
                     f"duplicates and rejected {rejects.rows_written}; no output "
                     "was written."
                 )
-            # The rejects file goes first, so an output never appears without it.
-            rejects.commit()
-            schema = _output_schema(source, renames, added)
-            if duplicates_writer is not None:
-                duplicates_writer.commit()
-            writer.commit(schema)
-            review_writer.commit(schema)
-            # The history learns the rows only once the output is in place.
-            if duplicates is not None:
-                history_before = duplicates.history
-                duplicates.commit()
-                if duplicates.history is not None:
-                    summary.history_rows = duplicates.history.rows
-                    summary.history_rows_added = (
-                        duplicates.history.rows - history_before.rows
-                    )
+            # SIGTERM waits until the renames are done: stopping between the
+            # output's rename and the history's would leave an output whose
+            # rows the next run tags again.
+            # NOTE: SIGKILL or a power loss in that gap still has that effect.
+            with sigterm_deferred() as deferred:
+                # The rejects file goes first, so an output never appears without it.
+                rejects.commit()
+                schema = _output_schema(source, renames, added)
+                if duplicates_writer is not None:
+                    duplicates_writer.commit()
+                writer.commit(schema)
+                review_writer.commit(schema)
+                # The history learns the rows only once the output is in place.
+                if duplicates is not None:
+                    history_before = duplicates.history
+                    duplicates.commit()
+                    if duplicates.history is not None:
+                        summary.history_rows = duplicates.history.rows
+                        summary.history_rows_added = (
+                            duplicates.history.rows - history_before.rows
+                        )
+            if deferred.received:
+                log.warning(
+                    "SIGTERM arrived while the output was being committed; the "
+                    "commit was completed first"
+                )
         except BaseException:
             writer.abort()
             rejects.abort()

@@ -76,3 +76,22 @@ def sigterm_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def sigterm_deferred() -> Iterator[DeferredSigterm]:
+    """Record SIGTERM inside the block instead of raising it; restore the old handler after.
+
+    For steps that must not stop half-way, such as the renames that commit an
+    output and the history. The caller reads `received` after the block.
+    """
+    deferred = DeferredSigterm()
+    if threading.current_thread() is not threading.main_thread():
+        yield deferred
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    deferred.install()
+    try:
+        yield deferred
+    finally:
+        signal.signal(signal.SIGTERM, previous)

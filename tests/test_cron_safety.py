@@ -568,3 +568,25 @@ def test_null_words_are_titles(tmp_path, small_model):
     assert tagged["id"].to_list() == ["007", "000042", "3"]
     assert tagged["title"].to_list() == ["None", "NaN", "null"]
     assert tagged["tag"].null_count() == 0
+
+
+def test_sigterm_deferred_during_commit():
+    from tagcli.signals import Terminated, install_sigterm_handler, sigterm_deferred
+
+    original = signal.getsignal(signal.SIGTERM)
+    install_sigterm_handler()
+    try:
+        with sigterm_deferred() as deferred:
+            os.kill(os.getpid(), signal.SIGTERM)
+            # Python runs a signal handler between bytecodes; give it time.
+            time.sleep(0.05)
+            reached_end_of_block = True
+
+        assert reached_end_of_block
+        assert deferred.received
+        # After the block the raising handler is back.
+        with pytest.raises(Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGTERM, original)
