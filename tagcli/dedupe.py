@@ -358,9 +358,26 @@ class DuplicateRun:
             self.segment.append(*history_part)
         return kept, duplicates
 
+    def move_displaced(self, writer, review_writer, duplicates_writer):
+        """Move displaced rows to the duplicates file; return a `displace.MovedRows`.
+
+        Call after the last batch, before any writer commits.
+        """
+        from tagcli.displace import move_displaced_rows
+
+        return move_displaced_rows(
+            self.splitter,
+            writer,
+            review_writer,
+            duplicates_writer,
+            self.splitter.tag_columns,
+        )
+
     def commit(self) -> None:
         """Add this run's kept rows to the history. Call after the output is in place."""
         if self.segment is not None:
+            # A displaced row stays in the history, under the id that was kept.
+            self.segment.replace_ids(self.splitter.history_ids())
             self.history = self.segment.commit(self.splitter.index)
 
     def abort(self) -> None:

@@ -302,6 +302,7 @@ class SegmentWriter:
         self._pending = folder / f".{self.name}.partial"
         self._writer = None
         self._sink = None
+        self._closed = False
         self.rows = 0
 
     def _schema(self):
@@ -354,8 +355,7 @@ class SegmentWriter:
         segments = list(history.segments)
         keep_files = {INDEX_FILE, LOCK_FILE}
         if self._writer is not None:
-            self._writer.close()
-            self._sink.close()
+            self._close()
             _fsync(self._pending)
             os.replace(self._pending, self._pending.parent / self.name)
             segments.append({"file": self.name, "rows": self.rows})
@@ -391,10 +391,27 @@ class SegmentWriter:
         remove_unlisted(history.state_dir, keep_files, segments)
         return read_history(history.state_dir)
 
-    def abort(self) -> None:
-        if self._writer is not None:
+    def replace_ids(self, ids: dict[int, str]) -> None:
+        """Rewrite the pending segment with new ids at some row positions; then only commit.
+
+        Copies the whole file once, so it is meant for a few ids per run.
+        """
+        if not ids or self._writer is None:
+            return
+        from tagcli.displace import replace_ipc_strings
+
+        self._close()
+        replace_ipc_strings(self._pending, "id", ids)
+
+    def _close(self) -> None:
+        if not self._closed:
             self._writer.close()
             self._sink.close()
+            self._closed = True
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._close()
         self._pending.unlink(missing_ok=True)
 
 

@@ -15,7 +15,8 @@ import logging
 import math
 
 from tagcli.dedupe import EMPTY_KEY, EXACT, NEAR
-from tagcli.rows import REJECT_MARKER
+from tagcli.displace import Displacements
+from tagcli.rows import REJECT_MARKER, TRUNCATED_MARKER
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +149,11 @@ class DuplicateSplitter:
     in this run, so later batches are compared with earlier ones.
     `history_id(position)` returns the id of a history row.
 
-    NOTE: within a batch, rows are compared in the order of created_on, then
-    row number. Across batches only input order counts, so a near duplicate
-    in a later batch is dropped even when its created_on is earlier.
+    Within a batch, rows are compared in the order of created_on, then row
+    number. A row of a later batch that near-matches a row kept earlier in
+    the run, and was created strictly earlier, is kept and displaces it (see
+    `tagcli.displace`): the caller then runs `displace.move_displaced_rows`
+    before committing its files.
     """
 
     def __init__(
@@ -172,6 +175,7 @@ class DuplicateSplitter:
         self.kept_ids: list[str] = []
         self.exact_count = 0
         self.near_count = 0
+        self.displacements = Displacements(self.history_rows, exact.created)
 
     def split(self, batch):
         """Return (kept, duplicates, history_part) for one batch.
@@ -202,27 +206,51 @@ class DuplicateSplitter:
             self.exact_count += 1
 
         is_candidate = (of_row < 0) & (of_history < 0) & (keys != EMPTY_KEY)
+        rejected = np.zeros(len(rows), dtype=bool)
         if REJECT_MARKER in batch.column_names:
             # Rejected rows go to the rejects file: neither compared nor remembered.
             rejected = batch.column(REJECT_MARKER).is_valid()
-            is_candidate &= ~rejected.to_numpy(zero_copy_only=False)
+            rejected = rejected.to_numpy(zero_copy_only=False)
+            is_candidate &= ~rejected
         candidates = np.flatnonzero(is_candidate)
         order = np.lexsort((rows[candidates], self.exact.created[rows[candidates]]))
         candidates = candidates[order]
         vectors = embedding_matrix(batch, candidates, self.index.dimension)
-        matches, scores = match_near(vectors, self.index, self.threshold)
+        first_new = self.index.size
+        marks = self.displacements.marks(rows[candidates])
+        matches, scores = match_near(
+            vectors, self.index, self.threshold, displaces=marks
+        )
         kept_here = np.flatnonzero(matches < 0)
         self.kept_ids.extend(ids[i] for i in candidates[kept_here])
+        kept_rows = candidates[kept_here]
+        self.displacements.add_kept(rows[kept_rows], _truncated(batch)[kept_rows])
+        displaced_before = self.displacements.displaced_rows
+        # Index position each near duplicate names, to re-point it if that
+        # row is displaced later.
+        targets = np.full(len(rows), -1, dtype=np.int64)
+        for late in self.displacements.settle(marks, matches, first_new, vectors):
+            i = candidates[late.k]
+            duplicate_of[i] = self._id_at(late.root)
+            reason[i] = NEAR
+            similarity[i] = late.similarity
+            targets[i] = late.root
+            self.near_count += 1
+        self.near_count += self.displacements.displaced_rows - displaced_before
         for k in np.flatnonzero(matches >= 0):
             i = candidates[k]
-            duplicate_of[i] = self._id_at(int(matches[k]))
+            root = self.displacements.find(int(matches[k]))
+            duplicate_of[i] = self._id_at(root)
             reason[i] = NEAR
             similarity[i] = float(scores[k])
+            targets[i] = root
             self.near_count += 1
         kept_vectors = vectors[kept_here]
-        kept_rows = candidates[kept_here]
 
         is_duplicate = np.array([value is not None for value in reason], dtype=bool)
+        self._record_positions(
+            rows, first_new, kept_rows, is_duplicate, rejected, targets, of_row
+        )
         kept = _drop_internal(batch.filter(~is_duplicate))
         duplicates = _duplicate_table(
             batch, is_duplicate, duplicate_of, reason, similarity, self.tag_columns
@@ -230,19 +258,55 @@ class DuplicateSplitter:
         history_part = (keys[kept_rows], [ids[i] for i in kept_rows], kept_vectors)
         return kept, duplicates, history_part
 
+    def _record_positions(
+        self, rows, first_new, kept_rows, is_duplicate, rejected, targets, of_row
+    ) -> None:
+        """Tell `displacements` where this batch's rows go: output and duplicates file."""
+        import numpy as np
+
+        to_output = ~is_duplicate & ~rejected
+        output = self.displacements.output_rows + np.cumsum(to_output) - 1
+        kept_output = np.where(to_output[kept_rows], output[kept_rows], -1)
+        positions = first_new + np.arange(len(kept_rows), dtype=np.int64)
+        written = np.flatnonzero(is_duplicate)
+        self.displacements.add_batch(
+            positions, kept_output, targets[written], of_row[written]
+        )
+        exact_kept = self.exact.kept_ids
+        for position, i in zip(positions.tolist(), kept_rows.tolist()):
+            if int(rows[i]) in exact_kept:
+                self.displacements.note_exact_kept(int(rows[i]), position)
+        for i in np.flatnonzero(targets >= 0):
+            if int(rows[i]) in exact_kept:
+                self.displacements.note_exact_kept(int(rows[i]), int(targets[i]))
+
+    def displacement_plan(self):
+        """Return the `displace.DisplacementPlan` of the rows split so far."""
+        return self.displacements.plan(self._id_at)
+
+    def history_ids(self) -> dict[int, str]:
+        """Return {position in this run's history segment: id} for displaced rows."""
+        return self.displacements.history_ids(self._id_at)
+
     def _id_at(self, position: int) -> str:
         if position < self.history_rows:
             return self.history_id(position)
         return self.kept_ids[position - self.history_rows]
 
 
-def match_near(vectors, index: VectorIndex, threshold: float):
+def match_near(vectors, index: VectorIndex, threshold: float, displaces=None):
     """Compare `vectors`, in order, with `index` and with the earlier kept ones among them.
 
     Returns (matches, scores): for each vector, the index position of its most
     similar earlier vector when the cosine similarity is at least `threshold`,
-    else -1 (kept), and that similarity. Kept vectors are added to `index` in
-    order, so a match inside `vectors` gets the position it has there.
+    else -1 (kept), and that similarity (NaN when kept). Kept vectors are
+    added to `index` in order, so a match inside `vectors` gets the position
+    it has there.
+
+    `displaces(matches, scores)`, when given, receives the matches found in
+    `index` and returns a bool mask of rows to keep although they match there.
+    Such a row still becomes a duplicate of an earlier row of `vectors` that
+    it is more similar to.
     """
     import numpy as np
 
@@ -250,6 +314,9 @@ def match_near(vectors, index: VectorIndex, threshold: float):
     first_new = index.size
     matches = np.where(best >= threshold, position, -1).astype(np.int64)
     scores = np.where(best >= threshold, best, np.nan).astype(np.float64)
+    kept = matches < 0
+    if displaces is not None:
+        kept |= displaces(matches.copy(), scores.copy())
 
     # Pairs inside `vectors` at or above the threshold, earlier row first.
     # Only rows in such a pair need the greedy pass, in order, because a row
@@ -257,7 +324,6 @@ def match_near(vectors, index: VectorIndex, threshold: float):
     within = vectors @ vectors.T
     close = np.tril(within >= threshold, k=-1)
     in_batch_match = np.full(len(vectors), -1, dtype=np.int64)
-    kept = matches < 0
     for k in np.flatnonzero(close.any(axis=1)):
         earlier = np.flatnonzero(close[k, :k] & kept[:k])
         if len(earlier) == 0:
@@ -272,6 +338,8 @@ def match_near(vectors, index: VectorIndex, threshold: float):
     rank = np.cumsum(kept) - 1
     inside = np.flatnonzero(in_batch_match >= 0)
     matches[inside] = first_new + rank[in_batch_match[inside]]
+    matches[kept] = -1
+    scores[kept] = np.nan
     index.add(vectors[kept])
     return matches, scores
 
@@ -289,6 +357,16 @@ def embedding_matrix(batch, rows, dimension: int):
 
 def _text(value) -> str:
     return "" if value is None else str(value)
+
+
+def _truncated(batch):
+    """Return the truncated flag of each row of `batch` as a bool array."""
+    import numpy as np
+
+    if TRUNCATED_MARKER not in batch.column_names:
+        return np.zeros(batch.num_rows, dtype=bool)
+    column = batch.column(TRUNCATED_MARKER).fill_null(False)
+    return column.to_numpy(zero_copy_only=False).astype(bool)
 
 
 def _drop_internal(table):

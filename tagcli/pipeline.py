@@ -425,6 +425,7 @@ def tag(
             duplicates_writer.abort()
         raise
     counts: Counter[str] = Counter()
+    review_rows_moved = 0
     batches = None
     duplicates = None
     cache = None
@@ -493,6 +494,12 @@ def tag(
             if cache is not None:
                 summary.cached_rows = cache.cached_rows
             if duplicates is not None:
+                moved = duplicates.move_displaced(
+                    writer, review_writer, duplicates_writer
+                )
+                counts.subtract(moved.tag_counts)
+                review_rows_moved = moved.review_rows
+                summary.rows_truncated -= moved.truncated_rows
                 summary.rows_duplicate_exact = duplicates.exact_count
                 summary.rows_duplicate_near = duplicates.near_count
             summary.rows_duplicate = (
@@ -556,7 +563,9 @@ def tag(
     if duplicates_writer is not None and duplicates_writer.rows_written:
         summary.duplicates_output = duplicates_writer.path
     summary.tag_counts = {name: counts.get(name, 0) for name in artifact.tags}
-    summary.review_rows = monitor.needs_review
+    summary.review_rows = monitor.needs_review - review_rows_moved
+    # The drift statistics still include rows displaced as near duplicates
+    # after they were tagged: they were part of the input's distribution.
     summary.drift = monitor.report(
         config.drift.psi_threshold, config.drift.ood_share_threshold
     )

@@ -27,7 +27,13 @@ class FileWriter:
         self._temporary = temporary_beside(self.path)
         self._writer = None
         self._schema = None
+        self._closed = False
         self.rows_written = 0
+
+    @property
+    def schema(self):
+        """The schema of the first table written, which every later table is cast to."""
+        return self._schema
 
     def write(self, table) -> None:
         import pyarrow.csv as pacsv
@@ -46,12 +52,31 @@ class FileWriter:
         """Close the file and move it into place; `schema` gives the columns of an empty output."""
         if self._writer is None:
             self.write(schema.empty_table())
-        self._writer.close()
+        self._close()
         os.replace(self._temporary, self.path)
+
+    def staged_files(self) -> list[Path]:
+        """Close the temporary file and return it, for a rewrite before `commit()`.
+
+        Returns [] when nothing was written. No `write` may follow.
+        """
+        if self._writer is None:
+            return []
+        self._close()
+        return [self._temporary]
+
+    def discount_rows(self, count: int) -> None:
+        """Subtract rows that a rewrite of the staged files removed."""
+        self.rows_written -= count
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._writer.close()
+            self._closed = True
 
     def abort(self) -> None:
         if self._writer is not None:
-            self._writer.close()
+            self._close()
         self._temporary.unlink(missing_ok=True)
 
 
@@ -74,9 +99,12 @@ class FolderWriter:
         self._staging.mkdir()
         self._part: FileWriter | None = None
         self._parts = 0
+        self.schema = None
         self.rows_written = 0
 
     def write(self, table) -> None:
+        if self.schema is None:
+            self.schema = table.schema
         offset = 0
         while offset < table.num_rows:
             if self._part is None or self._part.rows_written >= self.rows_per_file:
@@ -89,6 +117,15 @@ class FolderWriter:
             self._part.write(piece)
             self.rows_written += piece.num_rows
             offset += piece.num_rows
+
+    def staged_files(self) -> list[Path]:
+        """Close the open part and return the part files in order, for a rewrite before `commit()`."""
+        self._close_part()
+        return sorted(self._staging.glob(f"part-*.{self.format}"))
+
+    def discount_rows(self, count: int) -> None:
+        """Subtract rows that a rewrite of the staged files removed."""
+        self.rows_written -= count
 
     def _close_part(self, schema=None) -> None:
         if self._part is not None:
@@ -205,9 +242,17 @@ class RejectsWriter:
                 "--overwrite to replace both, or choose another path with -o.",
                 exit_code=EXIT_USAGE,
             )
-        file_format(self.path, purpose="output")
+        self.format = file_format(self.path, purpose="output")
         self._file: FileWriter | None = None
         self.rows_written = 0
+
+    @property
+    def schema(self):
+        return self._file.schema if self._file is not None else None
+
+    def staged_files(self) -> list[Path]:
+        """Close the temporary file and return it (or []), for a rewrite before `commit()`."""
+        return self._file.staged_files() if self._file is not None else []
 
     def write(self, table) -> None:
         if self._file is None:
