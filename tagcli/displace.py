@@ -273,16 +273,21 @@ class Displacements:
         for d in np.flatnonzero(np.isin(targets, moved)):
             repointed[int(d)] = id_at(self.find(int(targets[d])))
 
-        exact_rows = self._duplicate_exact_rows.values
-        for d in np.flatnonzero(exact_rows >= 0):
-            row = int(exact_rows[d])
-            position = self._exact_position.get(row)
-            if position is None:
-                continue
+        # Exact-kept rows that are no longer kept themselves, and the id that
+        # now stands for each. There is one entry per group of exact copies.
+        final_ids: dict[int, str] = {}
+        for row, position in self._exact_position.items():
             root = self.find(position)
             own = position >= self.history_rows and self.row_of(position) == row
             if root != position or not own:
-                repointed[int(d)] = id_at(root)
+                final_ids[row] = id_at(root)
+        if not final_ids:
+            return repointed
+
+        exact_rows = self._duplicate_exact_rows.values
+        moved_rows = np.fromiter(final_ids, dtype=np.int64, count=len(final_ids))
+        for d in np.flatnonzero(np.isin(exact_rows, moved_rows)):
+            repointed[int(d)] = final_ids[int(exact_rows[d])]
         return repointed
 
     def history_ids(self, id_at) -> dict[int, str]:

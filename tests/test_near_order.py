@@ -373,3 +373,124 @@ def test_exact_copy_of_near_duplicate(tmp_path, small_model, sample_frame):
     assert by_id["303"]["reason"] == "exact"
     assert by_id["303"]["duplicate_of"] == "301"
     assert summary["rows_tagged"] == 3
+
+
+def test_history_row_is_never_displaced(tmp_path, small_model, sample_frame):
+    rows = chain_rows(sample_frame)
+    config = small_batch_config(tmp_path)
+    rows.filter(pl.col("id") == "101").write_parquet(tmp_path / "first.parquet")
+    rows.filter(pl.col("id") == "103").write_parquet(tmp_path / "second.parquet")
+    tag_json(
+        tmp_path / "first.parquet", tmp_path / "a.parquet", small_model, config
+    )
+
+    second = tag_json(
+        tmp_path / "second.parquet", tmp_path / "b.parquet", small_model, config
+    )
+
+    # 103 was created two years before 101, but 101 is already published.
+    duplicates = read_output(tmp_path / "b.duplicates.parquet")
+    assert second["rows_tagged"] == 0
+    assert duplicates["id"].to_list() == ["103"]
+    assert duplicates["duplicate_of"].to_list() == ["101"]
+    assert duplicates["reason"].to_list() == ["near"]
+
+
+def test_chain_with_ivf_search(tmp_path, small_model, sample_frame):
+    chain_rows(sample_frame).write_parquet(tmp_path / "batch.parquet")
+    config = small_batch_config(tmp_path, dedupe={"exact_search_max_rows": 4})
+
+    summary = tag_json(
+        tmp_path / "batch.parquet",
+        tmp_path / "out.parquet",
+        small_model,
+        config,
+        "--executor",
+        "local",
+    )
+
+    check_chain(
+        tmp_path / "out.parquet",
+        tmp_path / "out.duplicates.parquet",
+        tmp_path / "out.review.parquet",
+        summary,
+    )
+    history = read_history(tmp_path / "state")
+    assert history.near_index is not None
+    assert history.near_index["rows"] == history.rows
+
+
+def vector_batch(first_row: int, ids: list[str], vectors):
+    import numpy as np
+    import pyarrow as pa
+
+    from tagcli.near import EMBEDDING_COLUMN, ROW_COLUMN
+
+    flat = pa.array(np.asarray(vectors, dtype=np.float32).reshape(-1))
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.string()),
+            ROW_COLUMN: pa.array(range(first_row, first_row + len(ids)), pa.int64()),
+            EMBEDDING_COLUMN: pa.FixedSizeListArray.from_arrays(flat, 3),
+        }
+    )
+
+
+def unit(*components):
+    import numpy as np
+
+    vector = np.array(components, dtype=np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+def test_splitter_same_batch_displacers():
+    """Two rows of one batch match one earlier row; only the earlier-created one displaces it."""
+    import numpy as np
+
+    from tagcli.dedupe import ExactDuplicates
+    from tagcli.near import DuplicateSplitter, VectorIndex
+
+    ids = ["A", "B1", "B2", "C", "D"]
+    created = np.array([10, 1, 2, 5, 0], dtype=np.int64)
+    exact = ExactDuplicates(
+        keys=np.array([bytes([i + 1]) * 16 for i in range(5)], dtype="S16"),
+        created=created,
+        duplicate_of_row=np.full(5, -1, dtype=np.int64),
+        duplicate_of_history=np.full(5, -1, dtype=np.int64),
+    )
+    splitter = DuplicateSplitter(exact, VectorIndex(3), None, 0.95, [])
+    a = unit(1, 0, 0)
+    b1 = unit(1, 0.25, 0)
+    b2 = unit(1, 0, 0.25)
+    c = unit(1, -0.02, 0.26)
+    d = unit(1, 0.01, 0)
+    # B1 and B2 match A (0.97) but not each other (0.94).
+    assert float(b1 @ b2) < 0.95
+
+    batches = [
+        vector_batch(0, ["A"], [a]),
+        vector_batch(1, ["B1", "B2"], [b1, b2]),
+        vector_batch(3, ["C"], [c]),
+        vector_batch(4, ["D"], [d]),
+    ]
+    results = [splitter.split(batch)[:2] for batch in batches]
+    plan = splitter.displacement_plan()
+
+    kept_b, duplicates_b = results[1]
+    assert kept_b["id"].to_pylist() == ["B1"]
+    assert duplicates_b["id"].to_pylist() == ["B2"]
+    assert duplicates_b["duplicate_of"].to_pylist() == ["B1"]
+    assert duplicates_b["similarity"][0].as_py() == pytest.approx(float(b2 @ a))
+    kept_c, duplicates_c = results[2]
+    assert kept_c.num_rows == 0
+    assert duplicates_c["duplicate_of"].to_pylist() == ["B1"]
+    assert results[3][0]["id"].to_pylist() == ["D"]
+    # A (output 0) and B1 (output 1) were written, then displaced; both name D.
+    assert plan.output_positions.tolist() == [0, 1]
+    assert plan.duplicate_of == ["D", "D"]
+    assert plan.similarity[0] == pytest.approx(float(a @ b1))
+    assert plan.similarity[1] == pytest.approx(float(b1 @ d), abs=1e-6)
+    # B2 and C were written to the duplicates file naming B1; both now name D.
+    assert plan.repointed == {0: "D", 1: "D"}
+    assert splitter.near_count == 4
+    assert splitter.history_ids() == {0: "D", 1: "D", 2: "D"}
