@@ -9,8 +9,9 @@ already published.
 
 `Displacements` records this as a union-find over near-duplicate index
 positions: each displaced position points to the position that displaced
-it, so a later match on A's embedding resolves to the row that now stands
-for A, and chains (C displaces B, which displaced A) resolve to C.
+it. The representative of A's set is the row kept for it, so a later match
+on A's embedding resolves to that row, and chains (C displaces B, which
+displaced A) resolve to C.
 
 A displaced row is already in the staged output, and maybe in the review
 file. `move_displaced_rows` runs once after the last batch and before the
@@ -141,7 +142,10 @@ class Displacements:
         self.displaced_rows = 0
 
     def find(self, position: int) -> int:
-        """Return the position that now stands for `position`; compress the path."""
+        """Return the representative of `position`: the position of the row kept for it.
+
+        Compresses the path on the way.
+        """
         root = position
         while root in self.parent:
             root = self.parent[root]
@@ -231,7 +235,7 @@ class Displacements:
         self.duplicate_rows += len(duplicate_targets)
 
     def note_exact_kept(self, row: int, position: int) -> None:
-        """Record the position that stands for exact-kept input `row`."""
+        """Record the position whose representative is kept for exact-kept input `row`."""
         self._exact_position[row] = position
 
     def plan(self, id_at) -> DisplacementPlan:
@@ -273,8 +277,8 @@ class Displacements:
         for d in np.flatnonzero(np.isin(targets, moved)):
             repointed[int(d)] = id_at(self.find(int(targets[d])))
 
-        # Exact-kept rows that are no longer kept themselves, and the id that
-        # now stands for each. There is one entry per group of exact copies.
+        # Exact-kept rows that are no longer kept themselves, and the id of the
+        # row kept for each. There is one entry per group of exact copies.
         final_ids: dict[int, str] = {}
         for row, position in self._exact_position.items():
             root = self.find(position)
@@ -519,8 +523,8 @@ def _read_staged(path: Path, fmt: str, schema):
         for batch in pq.ParquetFile(path).iter_batches(batch_size=65536):
             yield pa.Table.from_batches([batch])
         return
-    # pyarrow's CSVWriter quotes every string and writes null as an empty
-    # field, so these options read back exactly what it wrote.
+    # pyarrow's CSVWriter (checked with pyarrow 26) quotes every string and
+    # writes null as an empty field, so these options read back what it wrote.
     convert = pacsv.ConvertOptions(
         column_types=schema,
         strings_can_be_null=True,
