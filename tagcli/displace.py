@@ -19,8 +19,9 @@ commit. It streams the staged files, drops the displaced rows from the
 output and review files, appends them to the duplicates file, and re-points
 the duplicate rows whose `duplicate_of` named a row that is no longer kept.
 Rows are identified by their position in each file, never by id, because
-input ids can repeat. Per kept row, the run keeps 17 bytes here (input row
-number, output position, truncated flag); only rows involved in a
+input ids can repeat. The run keeps 17 bytes here per kept row (input row
+number, output position, truncated flag) and 16 per duplicate row (the row
+it names), up to twice that while the arrays grow. Only rows involved in a
 displacement take more.
 """
 
