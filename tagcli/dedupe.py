@@ -361,10 +361,15 @@ class DuplicateRun:
     def move_displaced(self, writer, review_writer, duplicates_writer):
         """Move displaced rows to the duplicates file; return a `displace.MovedRows`.
 
-        Call after the last batch, before any writer commits.
+        Call after the last batch, before any writer commits, so that the
+        rewrites stay out of the window between the output's rename and the
+        history's.
         """
         from tagcli.displace import move_displaced_rows
 
+        if self.segment is not None:
+            # A displaced row stays in the history, under the id that was kept.
+            self.segment.replace_ids(self.splitter.history_ids())
         return move_displaced_rows(
             self.splitter,
             writer,
@@ -376,8 +381,6 @@ class DuplicateRun:
     def commit(self) -> None:
         """Add this run's kept rows to the history. Call after the output is in place."""
         if self.segment is not None:
-            # A displaced row stays in the history, under the id that was kept.
-            self.segment.replace_ids(self.splitter.history_ids())
             self.history = self.segment.commit(self.splitter.index)
 
     def abort(self) -> None:
