@@ -82,7 +82,8 @@ class DisplacementMarks:
         self.matches = matches
         self.scores = scores
         self.marked = np.zeros(len(matches), dtype=bool)
-        for k in np.flatnonzero(matches >= 0):
+        # History rows always win, so only matches on this run's rows count.
+        for k in np.flatnonzero(matches >= self.displacements.history_rows):
             root = self.displacements.find(int(matches[k]))
             self.marked[k] = self.displacements.created_before(int(self.rows[k]), root)
         return self.marked

@@ -164,6 +164,8 @@ class DuplicateSplitter:
         threshold: float,
         tag_columns: list[str],
     ):
+        import numpy as np
+
         self.exact = exact
         self.tag_columns = tag_columns
         self.index = index
@@ -176,6 +178,9 @@ class DuplicateSplitter:
         self.exact_count = 0
         self.near_count = 0
         self.displacements = Displacements(self.history_rows, exact.created)
+        self._rows_with_copies = np.fromiter(
+            exact.kept_ids, dtype=np.int64, count=len(exact.kept_ids)
+        )
 
     def split(self, batch):
         """Return (kept, duplicates, history_part) for one batch.
@@ -272,13 +277,14 @@ class DuplicateSplitter:
         self.displacements.add_batch(
             positions, kept_output, targets[written], of_row[written]
         )
-        exact_kept = self.exact.kept_ids
-        for position, i in zip(positions.tolist(), kept_rows.tolist()):
-            if int(rows[i]) in exact_kept:
-                self.displacements.note_exact_kept(int(rows[i]), position)
-        for i in np.flatnonzero(targets >= 0):
-            if int(rows[i]) in exact_kept:
-                self.displacements.note_exact_kept(int(rows[i]), int(targets[i]))
+        # Rows with exact copies: the duplicates file names them, so record
+        # which position they resolve to.
+        has_copies = np.isin(rows, self._rows_with_copies)
+        for k in np.flatnonzero(has_copies[kept_rows]):
+            row = int(rows[kept_rows[k]])
+            self.displacements.note_exact_kept(row, int(positions[k]))
+        for i in np.flatnonzero(has_copies & (targets >= 0)):
+            self.displacements.note_exact_kept(int(rows[i]), int(targets[i]))
 
     def displacement_plan(self):
         """Return the `displace.DisplacementPlan` of the rows split so far."""
