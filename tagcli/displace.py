@@ -18,7 +18,9 @@ file. `move_displaced_rows` runs once after the last batch and before the
 commit. It streams the staged files, drops the displaced rows from the
 output and review files, appends them to the duplicates file, and re-points
 the duplicate rows whose `duplicate_of` named a row that is no longer kept.
-Rows are identified by their position in each file, never by id, because
+A re-pointed row keeps the `reason` and `similarity` of its own match. A
+displaced row gets `reason` near and its cosine to the row that displaced
+it. Rows are identified by their position in each file, never by id, because
 input ids can repeat. The run keeps 17 bytes here per kept row (input row
 number, output position, truncated flag) and 16 per duplicate row (the row
 it names), up to twice that while the arrays grow. Only rows involved in a
@@ -297,7 +299,7 @@ class Displacements:
         return repointed
 
     def history_ids(self, id_at) -> dict[int, str]:
-        """Return {segment position: final id} for this run's positions that were displaced.
+        """Return {segment position: final id} for this run's positions that are no longer kept.
 
         The displaced content stays in the history, so a later run still
         finds its copies, but under the id that was kept.

@@ -291,7 +291,7 @@ class DuplicateSplitter:
         return self.displacements.plan(self._id_at)
 
     def history_ids(self) -> dict[int, str]:
-        """Return {position in this run's history segment: id} for displaced rows."""
+        """Return {position in this run's history segment: kept id} for rows no longer kept."""
         return self.displacements.history_ids(self._id_at)
 
     def _id_at(self, position: int) -> str:
