@@ -231,23 +231,17 @@ class DuplicateSplitter:
         kept_rows = candidates[kept_here]
         self.displacements.add_kept(rows[kept_rows], _truncated(batch)[kept_rows])
         displaced_before = self.displacements.displaced_rows
+        late = self.displacements.settle(marks, matches, first_new, vectors)
+        self.near_count += self.displacements.displaced_rows - displaced_before
         # Index position each near duplicate names, to re-point it if that
         # row is displaced later.
         targets = np.full(len(rows), -1, dtype=np.int64)
-        for late in self.displacements.settle(marks, matches, first_new, vectors):
-            i = candidates[late.k]
-            duplicate_of[i] = self._id_at(late.root)
-            reason[i] = NEAR
-            similarity[i] = late.similarity
-            targets[i] = late.root
-            self.near_count += 1
-        self.near_count += self.displacements.displaced_rows - displaced_before
-        for k in np.flatnonzero(matches >= 0):
+        for k, position, score in _near_matches(late, matches, scores):
             i = candidates[k]
-            root = self.displacements.find(int(matches[k]))
+            root = self.displacements.find(position)
             duplicate_of[i] = self._id_at(root)
             reason[i] = NEAR
-            similarity[i] = float(scores[k])
+            similarity[i] = score
             targets[i] = root
             self.near_count += 1
         kept_vectors = vectors[kept_here]
@@ -363,6 +357,20 @@ def embedding_matrix(batch, rows, dimension: int):
 
 def _text(value) -> str:
     return "" if value is None else str(value)
+
+
+def _near_matches(late, matches, scores):
+    """Yield (candidate, index position, similarity) of each near duplicate of a batch.
+
+    `late` are the candidates that `Displacements.settle` turned into
+    duplicates; the others come from `match_near`.
+    """
+    import numpy as np
+
+    for duplicate in late:
+        yield duplicate.k, duplicate.root, duplicate.similarity
+    for k in np.flatnonzero(matches >= 0):
+        yield int(k), int(matches[k]), float(scores[k])
 
 
 def _truncated(batch):
