@@ -494,3 +494,32 @@ def test_splitter_same_batch_displacers():
     assert plan.repointed == {0: "D", 1: "D"}
     assert splitter.near_count == 4
     assert splitter.history_ids() == {0: "D", 1: "D", 2: "D"}
+
+
+def test_truncated_count_drops_displaced(tmp_path, small_model, sample_frame):
+    original = sample_row(sample_frame, ORIGINAL_ID)
+    # Over 256 tokens, the model's maximum, so both copies are truncated.
+    long_text = " ".join([original["description"]] * 20)
+    fillers = [sample_row(sample_frame, row_id) for row_id in FILLER_IDS[:6]]
+    first = {**original, "id": "401", "description": long_text}
+    first["created_on"] = "2022-01-01 00:00:00"
+    copy = {**first, "id": "402", "title": original["title"] + " (updated)"}
+    copy["created_on"] = "2021-01-01 00:00:00"
+    rows = [first, *fillers[:3], copy, *fillers[3:]]
+    pl.DataFrame(rows).write_parquet(tmp_path / "batch.parquet")
+    config = small_batch_config(tmp_path, rows={"long_text": "truncate"})
+
+    summary = tag_json(
+        tmp_path / "batch.parquet",
+        tmp_path / "out.parquet",
+        small_model,
+        config,
+        "--executor",
+        "local",
+    )
+
+    duplicates = read_output(tmp_path / "out.duplicates.parquet")
+    assert duplicates["id"].to_list() == ["401"]
+    assert duplicates["duplicate_of"].to_list() == ["402"]
+    assert summary["rows_truncated"] == 1
+    check_counts(summary, 8)
