@@ -109,8 +109,9 @@ class DedupeConfig:
     near_threshold: float = 0.95
     # How long `tag` waits for another run to release the history's lock.
     lock_timeout_seconds: float = 300.0
-    # Up to this many vectors, the near-duplicate search is exact (numpy);
-    # above it, an approximate faiss IVF index keeps it fast.
+    # Up to this many vectors, the near-duplicate search is exact (numpy,
+    # float32 in memory). Above it, a faiss IVF-PQ index in memory finds
+    # candidates, and their exact cosine is computed from vectors on disk.
     exact_search_max_rows: int = 20000
 
 

@@ -3,9 +3,12 @@
 Two rows are exact duplicates when their title and description are equal after
 `normalise_text`. A screening pass over the input (`screen_exact`) finds them
 before any model time is spent, keeping per row only a 16-byte key, a
-`created_on` sort value and the row number. Rows whose embeddings have a cosine
-similarity of at least `[dedupe] near_threshold` to a row kept before them are
-near duplicates (`NearFilter`). Both kinds are found within the batch and
+`created_on` sort value and the row numbers of its duplicate (40 bytes per
+input row). Rows whose embeddings have a cosine similarity of at least
+`[dedupe] near_threshold` to a row kept before them are near duplicates
+(`tagcli.near`); past `[dedupe] exact_search_max_rows` vectors, that search
+keeps a PQ code, an 8-byte id and the row's id text in memory per kept row,
+and the float16 vectors on disk. Both kinds are found within the batch and
 against the history of earlier runs (`tagcli.history`).
 """
 
@@ -382,10 +385,12 @@ class DuplicateRun:
         """Add this run's kept rows to the history. Call after the output is in place."""
         if self.segment is not None:
             self.history = self.segment.commit(self.splitter.index)
+        self.splitter.index.close()
 
     def abort(self) -> None:
         if self.segment is not None:
             self.segment.abort()
+        self.splitter.index.close()
 
 
 @dataclass

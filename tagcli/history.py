@@ -4,9 +4,15 @@ Layout of the state folder (`[paths] state_dir`):
 
     index.json           the committed state: segment files, row count, model
     segments/*.arrow     append-only Arrow IPC files: key, id, vector (float16)
-    near-*.faiss         the IVF index over every history vector, once there
-                         are more than `[dedupe] exact_search_max_rows`
+    near-*.faiss         the IVF-PQ index over every history vector, once there
+                         are more than `[dedupe] exact_search_max_rows`: PQ
+                         codes of a few dozen bytes per vector
     lock                 the flock that lets one run at a time use the history
+
+Above `[dedupe] exact_search_max_rows` rows a run keeps in memory the
+history's PQ codes and 16-byte keys, and reads the float16 vectors of search
+candidates back from the segment files (`tagcli.vector_store`). Ids are read
+from the segments only for rows that a duplicate points to.
 
 A run writes its rows to a new segment file and commits it by one atomic
 rename of index.json. A run killed at any moment leaves index.json as it was,
@@ -162,9 +168,16 @@ class History:
 
         from tagcli.dedupe import KEY_BYTES
 
+        # From the raw buffers, not one Python bytes object per history row.
         chunks = [
-            np.array(self.read_segment(s, ["key"]).column("key").to_pylist())
+            np.frombuffer(
+                chunk.buffers()[1],
+                dtype=f"S{KEY_BYTES}",
+                count=len(chunk),
+                offset=chunk.offset * KEY_BYTES,
+            )
             for s in self.segments
+            for chunk in self.read_segment(s, ["key"]).column("key").chunks
         ]
         keys = (
             np.concatenate(chunks).astype(f"S{KEY_BYTES}")
@@ -175,18 +188,22 @@ class History:
         return keys[order], order.astype(np.int64)
 
     def id_lookup(self):
-        """Return a function from history position to id, reading each segment's ids once."""
+        """Return a function from history position to id.
+
+        Each segment's id column is memory-mapped when first needed and kept
+        as an Arrow array, so only the pages of the ids looked up are read.
+        """
         import numpy as np
 
         starts = np.cumsum([0] + [s["rows"] for s in self.segments])
-        cache: dict[int, list] = {}
+        cache: dict[int, object] = {}
 
         def history_id(position: int) -> str:
             number = int(np.searchsorted(starts, position, side="right")) - 1
             if number not in cache:
                 table = self.read_segment(self.segments[number], ["id"])
-                cache[number] = table.column("id").to_pylist()
-            return cache[number][position - int(starts[number])]
+                cache[number] = table.column("id")
+            return cache[number][position - int(starts[number])].as_py()
 
         return history_id
 
@@ -194,19 +211,39 @@ class History:
         """Return a segment's vectors as a float32 (rows, dimension) array."""
         import numpy as np
 
-        column = self.read_segment(segment, ["vector"]).column("vector")
-        flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        return flat.reshape(segment["rows"], self.dimension).astype(np.float32)
+        batches = list(self.iter_vectors(segment))
+        if not batches:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        return np.concatenate(batches)
+
+    def iter_vectors(self, segment: dict):
+        """Yield a segment's vectors as float32 arrays, one per record batch.
+
+        Reads the file without a memory map, so only the batch being yielded
+        is in memory.
+        """
+        import pyarrow as pa
+
+        with pa.OSFile(str(self._segment_path(segment))) as source:
+            reader = pa.ipc.open_file(source)
+            for number in range(reader.num_record_batches):
+                column = reader.get_batch(number).column("vector")
+                flat = column.flatten().to_numpy(zero_copy_only=False)
+                yield flat.reshape(len(column), self.dimension).astype("float32")
 
     def load_index(self, dimension: int, exact_limit: int):
         """Return a VectorIndex holding every history vector, in history order.
 
-        Uses the saved IVF index when it is there and the history has not
-        outgrown it, adding the rows committed after it was saved.
+        Up to `exact_limit` rows the vectors are loaded for exact search.
+        Above, the index keeps PQ codes in memory and reads the exact vectors
+        from the segment files. It uses the saved IVF-PQ index when it is
+        there and the history has not outgrown it, adding the rows committed
+        after it was saved. A saved index of another kind (the float16 IVF
+        index of earlier versions) is rebuilt; the next commit saves the new
+        one in its place.
         """
-        import numpy as np
-
-        from tagcli.near import VectorIndex, train_ivf
+        from tagcli.near import IVF_KIND, VectorIndex, train_ivf
+        from tagcli.vector_store import VectorStore
 
         index = VectorIndex(dimension, exact_limit)
         total = self.rows
@@ -215,27 +252,53 @@ class History:
                 index.add(self.vectors(segment))
             return index
 
-        saved = self.near_index
-        if saved and total <= RETRAIN_GROWTH * saved["trained_rows"]:
-            import faiss
+        store = VectorStore(dimension)
+        for segment in self.segments:
+            rows = store.add_segment(self._segment_path(segment))
+            if rows != segment["rows"]:
+                raise TagcliError(
+                    f"{self._segment_path(segment)}: contains {rows} vectors but "
+                    f"index.json lists {segment['rows']} rows; clear the history "
+                    "with `tagcli history --clear`."
+                )
 
-            index.faiss_index = faiss.read_index(str(self.state_dir / saved["file"]))
-            index.trained_rows = saved["trained_rows"]
-            index.size = saved["rows"]
-            skip = saved["rows"]
-        else:
+        saved = self.near_index
+        if saved and saved.get("kind") != IVF_KIND:
+            log.info(
+                "Rebuilding the near-duplicate index of %s with compressed codes "
+                "(the saved one stores float16 vectors)",
+                self.state_dir,
+            )
+            saved = None
+        faiss_index = None
+        if saved and total <= RETRAIN_GROWTH * saved["trained_rows"]:
+            faiss_index = _read_faiss_index(self.state_dir / saved["file"])
+            trained_rows = saved["trained_rows"]
+            if faiss_index.ntotal > total:
+                log.warning(
+                    "%s holds %d vectors, more than the %d history rows; rebuilding it",
+                    saved["file"],
+                    faiss_index.ntotal,
+                    total,
+                )
+                faiss_index = None
+        if faiss_index is None:
             log.info("Training the near-duplicate IVF index on %d history rows", total)
-            index.faiss_index = train_ivf(self._training_sample(), dimension)
-            index.trained_rows = total
-            skip = 0
+            faiss_index = train_ivf(self._training_sample(), dimension)
+            trained_rows = total
+
+        skip = faiss_index.ntotal
         for segment in self.segments:
             if skip >= segment["rows"]:
                 skip -= segment["rows"]
                 continue
-            vectors = self.vectors(segment)[skip:]
-            skip = 0
-            index.faiss_index.add(np.ascontiguousarray(vectors))
-            index.size += len(vectors)
+            for vectors in self.iter_vectors(segment):
+                if skip >= len(vectors):
+                    skip -= len(vectors)
+                    continue
+                faiss_index.add(vectors[skip:])
+                skip = 0
+        index.use_compressed(faiss_index, store, trained_rows)
         return index
 
     def _training_sample(self, limit: int = 1_000_000):
@@ -250,12 +313,24 @@ class History:
         rng = np.random.default_rng(0)
         parts = []
         for segment in self.segments:
-            vectors = self.vectors(segment)
-            take = max(1, int(round(len(vectors) * fraction)))
-            parts.append(
-                vectors[np.sort(rng.choice(len(vectors), take, replace=False))]
-            )
+            for vectors in self.iter_vectors(segment):
+                take = int(rng.binomial(len(vectors), fraction))
+                if take:
+                    chosen = rng.choice(len(vectors), take, replace=False)
+                    parts.append(vectors[np.sort(chosen)])
         return np.concatenate(parts)
+
+
+def _read_faiss_index(path: Path):
+    """Read a saved faiss IVF index and set its probes per query."""
+    import faiss
+
+    from tagcli.near import IVF_PROBES
+
+    index = faiss.read_index(str(path))
+    ivf = faiss.extract_index_ivf(index)
+    ivf.nprobe = min(IVF_PROBES, ivf.nlist)
+    return index
 
 
 def read_history(state_dir: Path) -> History:
@@ -364,6 +439,8 @@ class SegmentWriter:
         if index is not None and index.faiss_index is not None:
             import faiss
 
+            from tagcli.near import IVF_KIND
+
             near_name = f"near-{uuid.uuid4().hex[:12]}.faiss"
             staging = history.state_dir / f".{near_name}.partial"
             faiss.write_index(index.faiss_index, str(staging))
@@ -371,6 +448,7 @@ class SegmentWriter:
             os.replace(staging, history.state_dir / near_name)
             near_index = {
                 "file": near_name,
+                "kind": IVF_KIND,
                 "rows": index.size,
                 "trained_rows": index.trained_rows,
             }

@@ -1,18 +1,24 @@
 """Near duplicates: cosine search over embeddings, and the split of tagged batches.
 
 `VectorIndex` finds, for each query, the most similar vector it contains. Up
-to `exact_limit` vectors it searches exactly with numpy. Above, it uses a
-faiss IVF index: inverted lists over k-means cells, vectors stored as
-float16. Its search cost grows with the square root of the vectors it
-contains, not linearly. `DuplicateSplitter` turns each tagged batch into kept
-rows and duplicate rows, using the exact duplicates from the screening pass
-and the near-duplicate search.
+to `exact_limit` vectors it searches exactly with numpy, holding them as a
+float32 matrix. Above, it keeps in memory only a faiss IVF index with
+product-quantisation codes: inverted lists over k-means cells, and per vector
+a code of `dimension / 8` bytes (48 for 384 dimensions) and an 8-byte id. The
+codes find `RERANK_CANDIDATES` candidates per query; their float16 vectors are
+read back from disk (`tagcli.vector_store`) and the reported similarity is
+their exact cosine with the query. Search cost grows with the square root of
+the vectors contained, not linearly. `DuplicateSplitter` turns each tagged
+batch into kept rows and duplicate rows, using the exact duplicates from the
+screening pass and the near-duplicate search; it keeps the ids of the run's
+kept rows in Arrow string arrays, a few bytes per row.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from bisect import bisect_right
 
 from tagcli.dedupe import EMPTY_KEY, EXACT, NEAR
 from tagcli.displace import Displacements
@@ -25,8 +31,23 @@ log = logging.getLogger(__name__)
 IVF_PROBES = 16
 # faiss warns when k-means gets fewer than 39 training vectors per cell.
 TRAINING_VECTORS_PER_CELL = 64
+# Training vectors for the PQ codes when the input has them: 20 for each of
+# the 256 centroids per sub-vector, and k-means iterations per sub-vector
+# (faiss defaults to 39 and 25). The codes only choose RERANK_CANDIDATES
+# candidates, which the exact cosine then ranks, so coarser codes cost
+# little, and training 48 sub-vectors takes seconds, not a minute.
+PQ_TRAINING_VECTORS = 20 * 256
+PQ_TRAINING_ITERATIONS = 10
 # Query rows per numpy matrix product: 1,024 x 20,000 float32 is 80 MB.
 QUERY_CHUNK = 1024
+# Candidates per query that the compressed search reads back from disk to
+# compute their exact cosine; the best of them is the query's match.
+RERANK_CANDIDATES = 8
+# Values per product-quantisation sub-vector; each sub-vector is coded in one
+# byte once the index is trained on 1,024 vectors or more.
+VALUES_PER_SUBVECTOR = 8
+# The faiss index kind saved in the state folder, as index.json names it.
+IVF_KIND = "ivf-pq"
 
 ROW_COLUMN = "__row"
 EMBEDDING_COLUMN = "__embedding"
@@ -37,16 +58,21 @@ class VectorIndex:
     """Inner-product search over L2-normalised float vectors, so scores are cosines.
 
     Positions count from 0 in the order vectors were added. Past `exact_limit`
-    vectors the numpy matrix is replaced by a faiss IVF index trained on the
-    vectors held at that moment.
+    vectors the numpy matrix is replaced by a faiss IVF-PQ index trained on
+    the vectors held at that moment, and the vectors go to a `VectorStore` on
+    disk (a temporary file in `spill_dir`, or `tempfile`'s folder).
     """
 
-    def __init__(self, dimension: int, exact_limit: int = 20000) -> None:
+    def __init__(
+        self, dimension: int, exact_limit: int = 20000, spill_dir=None
+    ) -> None:
         self.dimension = dimension
         self.exact_limit = exact_limit
+        self.spill_dir = spill_dir
         self.size = 0
         self.trained_rows = 0
         self.faiss_index = None
+        self.store = None
         self._chunks: list = []
         self._matrix = None
 
@@ -58,18 +84,38 @@ class VectorIndex:
             return
         if self.faiss_index is not None:
             self.faiss_index.add(vectors)
+            self.store.append(vectors)
         else:
             self._chunks.append(vectors)
             self._matrix = None
         self.size += len(vectors)
         if self.faiss_index is None and self.size > self.exact_limit:
-            self._build_ivf(self._exact_matrix())
+            self._compress(self._exact_matrix())
+
+    def use_compressed(self, faiss_index, store, trained_rows: int) -> None:
+        """Search with `faiss_index` and the exact vectors in `store` from now on.
+
+        Both must contain the same vectors in the same order. Used to load a
+        history whose vectors are already on disk.
+        """
+        if faiss_index.ntotal != store.size:
+            raise ValueError(
+                f"the faiss index contains {faiss_index.ntotal} vectors but the "
+                f"vector store {store.size}"
+            )
+        self.faiss_index = faiss_index
+        self.store = store
+        self.trained_rows = trained_rows
+        self.size = store.size
+        self._chunks = []
+        self._matrix = None
 
     def search(self, queries):
         """Return (similarity, position) of each query's most similar vector.
 
         Both are arrays of len(queries); an empty index gives similarity -inf
-        and position -1.
+        and position -1. The similarity is the exact cosine (against the
+        float16 copy on disk once the index is compressed).
         """
         import numpy as np
 
@@ -79,10 +125,11 @@ class VectorIndex:
         if self.size == 0 or len(queries) == 0:
             return similarity, position
         if self.faiss_index is not None:
-            scores, found = self.faiss_index.search(queries, 1)
-            hit = found[:, 0] >= 0
-            similarity[hit] = scores[hit, 0]
-            position[hit] = found[hit, 0]
+            for start in range(0, len(queries), QUERY_CHUNK):
+                part = slice(start, start + QUERY_CHUNK)
+                similarity[part], position[part] = self._search_compressed(
+                    queries[part]
+                )
             return similarity, position
         matrix = self._exact_matrix()
         for start in range(0, len(queries), QUERY_CHUNK):
@@ -90,6 +137,30 @@ class VectorIndex:
             best = scores.argmax(axis=1)
             similarity[start : start + len(best)] = scores[np.arange(len(best)), best]
             position[start : start + len(best)] = best
+        return similarity, position
+
+    def _search_compressed(self, queries):
+        """Find candidates with the PQ codes, then rank them by exact cosine."""
+        import numpy as np
+
+        _, candidates = self.faiss_index.search(queries, RERANK_CANDIDATES)
+        found = candidates >= 0
+        similarity = np.full(len(queries), -np.inf, dtype=np.float32)
+        position = np.full(len(queries), -1, dtype=np.int64)
+        if not found.any():
+            return similarity, position
+
+        # Read each distinct candidate once, then score every (query, candidate).
+        unique = np.unique(candidates[found])
+        vectors = self.store.read(unique)
+        slots = np.searchsorted(unique, np.where(found, candidates, unique[0]))
+        scores = np.einsum("qd,qkd->qk", queries, vectors[slots])
+        scores[~found] = -np.inf
+        best = scores.argmax(axis=1)
+        rows = np.arange(len(queries))
+        similarity[:] = scores[rows, best]
+        hit = np.isfinite(similarity)
+        position[hit] = candidates[rows, best][hit]
         return similarity, position
 
     def _exact_matrix(self):
@@ -104,40 +175,107 @@ class VectorIndex:
             self._chunks = [self._matrix]
         return self._matrix
 
-    def _build_ivf(self, vectors) -> None:
-        """Replace the numpy matrix by a faiss IVF index holding `vectors`."""
+    def _compress(self, vectors) -> None:
+        """Replace the numpy matrix by an IVF-PQ index and `vectors` written to disk."""
+        from tagcli.vector_store import VectorStore
+
         index = train_ivf(vectors, self.dimension)
         index.add(vectors)
-        self.faiss_index = index
-        self.trained_rows = len(vectors)
-        self._chunks = []
-        self._matrix = None
+        store = VectorStore(self.dimension, self.spill_dir)
+        store.append(vectors)
+        self.use_compressed(index, store, trained_rows=len(vectors))
         log.info(
-            "Near-duplicate search switched to an IVF index at %d vectors", self.size
+            "Near-duplicate search switched to a compressed IVF-PQ index at %d vectors",
+            self.size,
         )
+
+    def close(self) -> None:
+        """Delete the temporary file of vectors written to disk, if any."""
+        if self.store is not None:
+            self.store.close()
 
 
 def train_ivf(sample, dimension: int):
-    """Return an empty faiss IVF index (float16 vectors) trained on `sample`.
+    """Return an empty faiss IVF-PQ index trained on `sample`, for inner products.
 
     The number of cells is about the square root of the sample size, so a
-    query compares against about 2 x sqrt(N) x IVF_PROBES vectors, not N.
+    query compares against about 2 x sqrt(N) x IVF_PROBES codes, not N. Each
+    vector's residual to its cell centroid is coded in `pq_subvectors(dimension)`
+    bytes, with 256 centroids per sub-vector. A sample of under 1,024 vectors
+    gets fewer centroids (sample / 4, rounded down to a power of 2), because
+    k-means needs more training vectors than centroids.
     """
     import faiss
     import numpy as np
 
     cells = max(1, int(math.sqrt(len(sample))))
     cells = max(1, min(cells, len(sample) // TRAINING_VECTORS_PER_CELL))
-    index = faiss.index_factory(
-        dimension, f"IVF{cells},SQfp16", faiss.METRIC_INNER_PRODUCT
-    )
-    limit = cells * TRAINING_VECTORS_PER_CELL
+    limit = max(cells * TRAINING_VECTORS_PER_CELL, PQ_TRAINING_VECTORS)
     if len(sample) > limit:
         chosen = np.random.default_rng(0).choice(len(sample), limit, replace=False)
         sample = sample[np.sort(chosen)]
+    bits = min(8, max(1, int(math.log2(max(2, len(sample)))) - 2))
+    index = faiss.index_factory(
+        dimension,
+        f"IVF{cells},PQ{pq_subvectors(dimension)}x{bits}",
+        faiss.METRIC_INNER_PRODUCT,
+    )
+    # faiss prints a warning to stderr when k-means gets fewer than this many
+    # vectors per centroid; `bits` above keeps at least 4.
+    index.pq.cp.min_points_per_centroid = 4
+    index.pq.cp.niter = PQ_TRAINING_ITERATIONS
+    index.pq.cp.max_points_per_centroid = PQ_TRAINING_VECTORS // 256
+    # Polysemous codes speed up Hamming-distance filtering, which this search
+    # does not use; their training took 20 s on 3,000 vectors.
+    index.do_polysemous_training = False
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
     index.nprobe = min(IVF_PROBES, cells)
     return index
+
+
+def pq_subvectors(dimension: int) -> int:
+    """Return the PQ sub-vectors per vector.
+
+    That is the largest divisor of `dimension` up to dimension / 8.
+    """
+    target = max(1, dimension // VALUES_PER_SUBVECTOR)
+    return max(m for m in range(1, target + 1) if dimension % m == 0)
+
+
+class IdList:
+    """Ids appended in order, in Arrow string arrays: bytes and an offset per id.
+
+    Replaces a Python list, whose str objects cost about 50 bytes each over
+    their text.
+    """
+
+    # Chunks are merged into one array once there are this many.
+    MAX_CHUNKS = 256
+
+    def __init__(self) -> None:
+        self._chunks: list = []
+        self._starts: list[int] = [0]
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def extend(self, ids) -> None:
+        import pyarrow as pa
+
+        chunk = pa.array(list(ids), pa.string())
+        if len(chunk) == 0:
+            return
+        self._chunks.append(chunk)
+        self._starts.append(self._starts[-1] + len(chunk))
+        if len(self._chunks) >= self.MAX_CHUNKS:
+            self._chunks = [pa.concat_arrays(self._chunks)]
+            self._starts = [0, self._starts[-1]]
+
+    def __getitem__(self, position: int) -> str:
+        if not 0 <= position < len(self):
+            raise IndexError(f"id position {position} outside 0..{len(self) - 1}")
+        chunk = bisect_right(self._starts, position) - 1
+        return self._chunks[chunk][position - self._starts[chunk]].as_py()
 
 
 class DuplicateSplitter:
@@ -174,7 +312,7 @@ class DuplicateSplitter:
         self.threshold = threshold
         # Ids of the rows kept in this run, by their position in `index`
         # minus `history_rows`.
-        self.kept_ids: list[str] = []
+        self.kept_ids = IdList()
         self.exact_count = 0
         self.near_count = 0
         self.displacements = Displacements(self.history_rows, exact.created)
