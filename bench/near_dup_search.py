@@ -1,14 +1,17 @@
 """Measure the near-duplicate search of `tagcli tag` as the history grows.
 
 For each history size, builds the index `tag` would load (numpy up to
-[dedupe] exact_search_max_rows vectors, a faiss IVF index above), then runs
-the incoming rows through `tagcli.near.match_near` in batches of 1,024, as
-the pipeline does, and reports:
+[dedupe] exact_search_max_rows vectors; above, a faiss IVF-PQ index in
+memory with the float16 vectors in a temporary file, read back to rank each
+query's candidates by exact cosine), then runs the incoming rows through
+`tagcli.near.match_near` in batches of 1,024, as the pipeline does, and
+reports:
 
 - seconds per 10,000 incoming rows for the search (the cost every run pays);
 - seconds to build the index from the history's vectors, paid only when no
-  saved index fits, because a run saves its IVF index for the next one;
-- seconds to load a saved IVF index from disk;
+  saved index fits, because a run saves its IVF-PQ index for the next one;
+- seconds to load a saved IVF-PQ index from disk, and the bytes per vector
+  it keeps in memory (PQ code and id);
 - recall of planted near copies and the number of false matches;
 - for comparison, brute-force numpy search, timed on 1,000 queries and
   scaled to 10,000.
@@ -67,8 +70,15 @@ def measure(history_rows: int, incoming_rows: int, planted: int, threshold: floa
     build_seconds = time.perf_counter() - started
 
     load_seconds = None
+    memory = ""
     if index.faiss_index is not None:
         import faiss
+
+        ivf = faiss.extract_index_ivf(index.faiss_index)
+        memory = (
+            f"; in memory {ivf.code_size + 8} bytes per vector "
+            f"({ivf.nlist:,} cells, {ivf.nprobe} probed)"
+        )
 
         with tempfile.TemporaryDirectory() as folder:
             path = os.path.join(folder, "near.faiss")
@@ -99,7 +109,12 @@ def measure(history_rows: int, incoming_rows: int, planted: int, threshold: floa
     brute_seconds = (time.perf_counter() - started) * incoming_rows / len(queries)
 
     per_10k = 10000 / incoming_rows
-    kind = "IVF (faiss)" if index.faiss_index is not None else "exact (numpy)"
+    index.close()
+    kind = (
+        "IVF-PQ (faiss) + exact rerank"
+        if index.faiss_index is not None
+        else "exact (numpy)"
+    )
     print(
         f"history {history_rows:>9,} rows, {kind}: search {search_seconds * per_10k:7.2f} s "
         f"per 10,000 incoming rows; build {build_seconds:6.2f} s"
@@ -108,6 +123,7 @@ def measure(history_rows: int, incoming_rows: int, planted: int, threshold: floa
             if load_seconds is not None
             else ""
         )
+        + memory
         + f"; planted copies found {found_copies}/{planted}; false matches "
         f"{false_matches}; brute force {brute_seconds * per_10k:7.2f} s per 10,000 "
         "(timed on 1,000 queries)",

@@ -13,8 +13,16 @@ Without --model, it first trains a model on the sample data with --backend
 (training time is not counted). With --executor auto it also prints which
 path `tagcli tag` takes for that N.
 
+With --dedupe, the dump pairs the title of one sample row with the
+description of another, so that rows differ in meaning. `tagcli tag` then
+runs with its duplicate filter (no --keep-duplicates) and --no-history, so
+the peak RSS includes the near-duplicate search. The script prints how many
+rows the filter dropped, which shows how many rows were near duplicates
+after all.
+
 Usage: python bench/tag_throughput.py --rows 10000 [--rows 100000] [--model DIR]
        [--backend onnx-int8|torch] [--executor auto|ray|local] [--skip-encode]
+       [--dedupe]
 """
 
 from __future__ import annotations
@@ -35,22 +43,66 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "sample_data" / "dataset.csv"
 
 
-def build_dump(rows: int, path: Path) -> list[str]:
-    """Write a dump of `rows` unique rows to `path` and return their texts."""
+def build_dump(rows: int, path: Path, distinct_meaning: bool = False) -> list[str]:
+    """Write a dump of `rows` unique rows to `path` and return their texts.
+
+    By default the sample rows repeat with a numbered title, so repeats are
+    near duplicates of each other. With `distinct_meaning`, see
+    `mixed_pairs`.
+    """
     from tagcli.text import compose_text
 
     sample = pl.read_csv(SAMPLE, infer_schema=False).drop("tag")
-    repeats = -(-rows // sample.height)
-    frame = pl.concat([sample] * repeats).head(rows).with_row_index("n")
-    frame = frame.with_columns(
-        pl.col("n").cast(pl.Utf8).alias("id"),
-        (pl.col("title") + " (variant " + pl.col("n").cast(pl.Utf8) + ")").alias("title"),
-    ).drop("n")
+    if distinct_meaning:
+        frame = mixed_pairs(sample, rows)
+    else:
+        repeats = -(-rows // sample.height)
+        frame = pl.concat([sample] * repeats).head(rows).with_row_index("n")
+        frame = frame.with_columns(
+            pl.col("n").cast(pl.Utf8).alias("id"),
+            (pl.col("title") + " (variant " + pl.col("n").cast(pl.Utf8) + ")").alias(
+                "title"
+            ),
+        ).drop("n")
     frame.write_parquet(path, row_group_size=10_000)
     return [
         compose_text(title, description)
         for title, description in zip(frame["title"], frame["description"])
     ]
+
+
+def mixed_pairs(sample: pl.DataFrame, rows: int) -> pl.DataFrame:
+    """Return `rows` rows, each the title of sample row i and the description of row j.
+
+    Row n takes i = n mod S and j = (i + 1 + n div S) mod S for S sample
+    rows, so no (i, j) pair repeats below S x (S - 1) rows and no row has its
+    own description. Rows sharing a title still differ in their description.
+    """
+    size = sample.height
+    if rows > size * (size - 1):
+        raise SystemExit(f"--dedupe builds at most {size * (size - 1)} distinct rows")
+    numbers = pl.int_range(0, rows, eager=True, dtype=pl.Int64)
+    titles = numbers % size
+    descriptions = (titles + 1 + numbers // size) % size
+    return pl.DataFrame(
+        {
+            "id": numbers.cast(pl.Utf8),
+            "created_on": sample["created_on"].gather(titles),
+            "title": sample["title"].gather(titles),
+            "description": sample["description"].gather(descriptions),
+        }
+    )
+
+
+def count_duplicates(output: Path) -> tuple[int, int]:
+    """Return (exact, near) rows in the duplicates file beside `output`, or (0, 0)."""
+    from tagcli.pipeline import duplicates_path
+
+    path = duplicates_path(output, "parquet")
+    if not path.exists():
+        return 0, 0
+    reasons = pl.read_parquet(path, columns=["reason"])["reason"]
+    return int((reasons == "exact").sum()), int((reasons == "near").sum())
 
 
 def process_tree_rss(root: int) -> int:
@@ -87,12 +139,16 @@ def train_model(backend: str, folder: Path) -> Path:
 
 
 def run_tag(
-    dump: Path, output: Path, model: Path, executor: str, backend: str
+    dump: Path, output: Path, model: Path, executor: str, backend: str, dedupe: bool
 ) -> tuple[float, int]:
     """Run `tagcli tag` and return (seconds, peak RSS in bytes of its process tree)."""
     command = [sys.executable, "-m", "tagcli", "-q", "tag", str(dump), "-o", str(output)]
-    # The dump repeats the sample rows with numbered titles: all near duplicates.
-    command.append("--keep-duplicates")
+    if dedupe:
+        # Filter duplicates within the dump, but leave the user's history alone.
+        command.append("--no-history")
+    else:
+        # The dump repeats the sample rows with numbered titles: all near duplicates.
+        command.append("--keep-duplicates")
     # Without --no-cache a repeated run would read its embeddings from the cache.
     command += ["--overwrite", "--executor", executor, "--backend", backend]
     command += ["--no-cache", "--model", str(model)]
@@ -157,6 +213,11 @@ def main() -> None:
     )
     parser.add_argument("--executor", default="auto", choices=["ray", "local", "auto"])
     parser.add_argument("--skip-encode", action="store_true", help="Measure tag only.")
+    parser.add_argument(
+        "--dedupe",
+        action="store_true",
+        help="Build rows that are not near duplicates and run tag's duplicate filter.",
+    )
     args = parser.parse_args()
 
     print(
@@ -169,9 +230,11 @@ def main() -> None:
     for rows in args.rows:
         with tempfile.TemporaryDirectory() as folder:
             dump = Path(folder) / "dump.parquet"
-            texts = build_dump(rows, dump)
+            texts = build_dump(rows, dump, distinct_meaning=args.dedupe)
             output = Path(folder) / "out.parquet"
-            seconds, peak = run_tag(dump, output, model, args.executor, args.backend)
+            seconds, peak = run_tag(
+                dump, output, model, args.executor, args.backend, args.dedupe
+            )
             tag_rate = rows / seconds
             executor = executor_for(args.executor, rows)
             line = (
@@ -179,6 +242,12 @@ def main() -> None:
                 f"{seconds:.1f} s, {tag_rate:.1f} rows/s, "
                 f"peak RSS {peak / 2**20:.0f} MiB"
             )
+            if args.dedupe:
+                exact, near = count_duplicates(output)
+                line += (
+                    f"; dropped as duplicates {exact + near} "
+                    f"({exact} exact, {near} near)"
+                )
             if not args.skip_encode:
                 encode = plain_encode_seconds(texts)
                 encode_rate = rows / encode
