@@ -40,8 +40,8 @@ TRAINING_VECTORS_PER_CELL = 64
 # took 2.2 s on one thread here, for 20,001 vectors of 384 dimensions.
 PQ_TRAINING_VECTORS = 20 * 256
 PQ_TRAINING_ITERATIONS = 10
-# Query rows per numpy matrix product: 1,024 x 20,000 float32 is 80 MB.
-QUERY_CHUNK = 1024
+# Query rows per numpy matrix product: 256 x 20,000 float32 is 20 MB.
+QUERY_CHUNK = 256
 # Candidates per query that the compressed search reads back from disk to
 # compute their exact cosine. The best of them is the query's match.
 RERANK_CANDIDATES = 8
@@ -75,7 +75,9 @@ class VectorIndex:
         self.trained_rows = 0
         self.faiss_index = None
         self.store = None
-        self._chunks: list = []
+        # Rows 0 to size - 1 are the exact vectors, until the switch. The
+        # buffer doubles when full, so earlier rows are copied only then, not
+        # on every batch.
         self._matrix = None
 
     def add(self, vectors) -> None:
@@ -87,12 +89,17 @@ class VectorIndex:
         if self.faiss_index is not None:
             self.faiss_index.add(vectors)
             self.store.append(vectors)
-        else:
-            self._chunks.append(vectors)
+            self.size += len(vectors)
+            return
+        if self.size + len(vectors) > self.exact_limit:
+            matrix = np.concatenate([self._exact_matrix(), vectors])
             self._matrix = None
+            self.size = len(matrix)
+            self._compress(matrix)
+            return
+        self._reserve(self.size + len(vectors))
+        self._matrix[self.size : self.size + len(vectors)] = vectors
         self.size += len(vectors)
-        if self.faiss_index is None and self.size > self.exact_limit:
-            self._compress(self._exact_matrix())
 
     def use_compressed(self, faiss_index, store, trained_rows: int) -> None:
         """Search with `faiss_index` and the exact vectors in `store` from now on.
@@ -109,7 +116,6 @@ class VectorIndex:
         self.store = store
         self.trained_rows = trained_rows
         self.size = store.size
-        self._chunks = []
         self._matrix = None
 
     def search(self, queries):
@@ -169,22 +175,33 @@ class VectorIndex:
         import numpy as np
 
         if self._matrix is None:
-            self._matrix = (
-                np.concatenate(self._chunks)
-                if self._chunks
-                else np.zeros((0, self.dimension), np.float32)
-            )
-            self._chunks = [self._matrix]
-        return self._matrix
+            return np.zeros((0, self.dimension), np.float32)
+        return self._matrix[: self.size]
+
+    def _reserve(self, rows: int) -> None:
+        """Grow the exact buffer to at least `rows` rows, at most `exact_limit`."""
+        import numpy as np
+
+        capacity = 0 if self._matrix is None else len(self._matrix)
+        if rows <= capacity:
+            return
+        capacity = min(max(rows, 2 * capacity, 1024), max(rows, self.exact_limit))
+        grown = np.empty((capacity, self.dimension), dtype=np.float32)
+        if self._matrix is not None:
+            grown[: self.size] = self._matrix[: self.size]
+        self._matrix = grown
 
     def _compress(self, vectors) -> None:
         """Replace the numpy matrix by an IVF-PQ index and `vectors` written to disk."""
         from tagcli.vector_store import VectorStore
 
         index = train_ivf(vectors, self.dimension)
-        index.add(vectors)
         store = VectorStore(self.dimension, self.spill_dir)
-        store.append(vectors)
+        # In blocks, because faiss computes every added vector's residual at
+        # once: a copy of the whole matrix at the memory peak of the switch.
+        for start in range(0, len(vectors), QUERY_CHUNK):
+            index.add(vectors[start : start + QUERY_CHUNK])
+            store.append(vectors[start : start + QUERY_CHUNK])
         self.use_compressed(index, store, trained_rows=len(vectors))
         log.info(
             "Near-duplicate search switched to a compressed IVF-PQ index at %d vectors",

@@ -87,7 +87,8 @@ class VectorStore:
             self._spill = tempfile.TemporaryFile(
                 prefix="tagcli-vectors-", dir=self.spill_dir
             )
-        payload = data.tobytes()
+        # A view of the array's bytes: no copy, also after a partial write.
+        payload = memoryview(data.reshape(-1).view(np.uint8))
         written = 0
         while written < len(payload):
             written += os.pwrite(
