@@ -276,7 +276,8 @@ class History:
             trained_rows = saved["trained_rows"]
             if faiss_index.ntotal > total:
                 log.warning(
-                    "%s holds %d vectors, more than the %d history rows; rebuilding it",
+                    "%s contains %d vectors, more than the %d history rows. "
+                    "Rebuilding it",
                     saved["file"],
                     faiss_index.ntotal,
                     total,
