@@ -30,6 +30,8 @@ TRACKING_PREFIXES = ("utm_",)
 # A URL with a scheme, or a bare host starting with www.
 _URL = re.compile(r"(?:\bhttps?://|\bwww\.)[^\s<>\"'()\[\]{}]+", re.IGNORECASE)
 _URL_TRAILING = ".,;:!?'\""
+# Everything but the characters `normalise_text` keeps from ASCII text.
+_NOT_ASCII_ALNUM = re.compile(r"[^0-9a-z]+")
 
 KEY_BYTES = 16
 # Key of a row whose title and description normalise to nothing. Such rows are
@@ -74,6 +76,10 @@ def normalise_text(text: str | None) -> str:
     text = unicodedata.normalize("NFKC", text)
     text = _URL.sub(lambda match: " " + normalise_url(match.group(0)) + " ", text)
     text = text.casefold()
+    if text.isascii():
+        # The same result as the loop below: ASCII has no combining marks, and
+        # its letters and digits are [a-z0-9] once case-folded.
+        return _NOT_ASCII_ALNUM.sub("", text)
     return "".join(
         char
         for char in text
@@ -83,7 +89,11 @@ def normalise_text(text: str | None) -> str:
 
 def content_digest(title: str | None, description: str | None) -> bytes:
     """Return the sha256 digest of normalised title and description."""
-    joined = normalise_text(title) + "\x1f" + normalise_text(description)
+    return _normalised_digest(normalise_text(title), normalise_text(description))
+
+
+def _normalised_digest(title: str, description: str) -> bytes:
+    joined = title + "\x1f" + description
     return hashlib.sha256(joined.encode("utf-8")).digest()
 
 
@@ -94,9 +104,11 @@ def content_key(title: str | None, description: str | None) -> str:
 
 def short_key(title: str | None, description: str | None) -> bytes:
     """Return the first KEY_BYTES bytes of the digest, or EMPTY_KEY for a row without text."""
-    if not normalise_text(title) and not normalise_text(description):
+    normalised_title = normalise_text(title)
+    normalised_description = normalise_text(description)
+    if not normalised_title and not normalised_description:
         return EMPTY_KEY
-    return content_digest(title, description)[:KEY_BYTES]
+    return _normalised_digest(normalised_title, normalised_description)[:KEY_BYTES]
 
 
 def created_sort_values(column) -> "object":
@@ -160,7 +172,11 @@ class ExactDuplicates:
 
 
 def screen_exact(
-    source, history_keys=None, history_positions=None, batch_size: int = 65536
+    source,
+    history_keys=None,
+    history_positions=None,
+    batch_size: int = 65536,
+    on_texts=None,
 ) -> ExactDuplicates:
     """Read the key columns of `source` once and find its exact duplicates.
 
@@ -171,6 +187,10 @@ def screen_exact(
     Among rows with one key, the row with the earliest `created_on`, then the
     first in input order, is kept. When the history already contains the key,
     every row with it is a duplicate.
+
+    `on_texts`, when given, is called with the raw title and description
+    values of each chunk of rows, in input order, so another count over the
+    texts needs no second read.
     """
     import numpy as np
 
@@ -187,6 +207,8 @@ def screen_exact(
         for table in iter_columns(source, file, columns, batch_size):
             titles = table.column("title").to_pylist()
             descriptions = table.column("description").to_pylist()
+            if on_texts is not None:
+                on_texts(titles, descriptions)
             key_chunks.append(
                 np.array(
                     [
@@ -322,6 +344,7 @@ class DuplicateRun:
         config,
         use_history: bool,
         tag_columns: list[str],
+        on_texts=None,
     ) -> None:
         from tagcli.history import SegmentWriter, read_history
         from tagcli.near import DuplicateSplitter, VectorIndex
@@ -338,7 +361,9 @@ class DuplicateRun:
             index = VectorIndex(dimension, settings.exact_search_max_rows)
             history_id = None
         self.history = history
-        self.exact = screen_exact(source, history_keys, history_positions)
+        self.exact = screen_exact(
+            source, history_keys, history_positions, on_texts=on_texts
+        )
         self.splitter = DuplicateSplitter(
             self.exact, index, history_id, settings.near_threshold, tag_columns
         )

@@ -10,7 +10,7 @@ the batch into tagged rows and rows for the rejects file.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # Columns that carry a rejected row's reason, and whether a tagged row's text
@@ -43,11 +43,13 @@ class Screening:
 
     `reasons` has one entry per text: None for a row to tag, else the reason
     it is rejected. `truncated_rows` marks tagged texts longer than the model
-    reads, which it embeds from their first tokens.
+    reads, which it embeds from their first tokens. `token_counts` contains
+    each text's untruncated token count.
     """
 
     reasons: list[str | None]
     truncated_rows: list[bool]
+    token_counts: list[int] = field(default_factory=list)
 
 
 def count_tokens(encoder, texts: list[str]) -> list[int]:
@@ -67,8 +69,14 @@ def count_tokens(encoder, texts: list[str]) -> list[int]:
     return [len(ids) for ids in encoded["input_ids"]]
 
 
-def screen_texts(texts: list[str], encoder, policy: RowPolicy) -> Screening:
-    """Screen composed texts: mark each row to reject, or to tag and maybe truncate."""
+def screen_texts(
+    texts: list[str], encoder, policy: RowPolicy, known_counts=None
+) -> Screening:
+    """Screen composed texts: mark each row to reject, or to tag and maybe truncate.
+
+    `known_counts`, one entry per text, contains token counts found in the
+    embedding cache, or None for a text to count with the encoder's tokenizer.
+    """
     reasons: list[str | None] = [None] * len(texts)
     if policy.empty_text == "reject":
         for index, text in enumerate(texts):
@@ -76,7 +84,7 @@ def screen_texts(texts: list[str], encoder, policy: RowPolicy) -> Screening:
                 reasons[index] = EMPTY_TEXT
 
     max_tokens = encoder.max_seq_length
-    token_counts = count_tokens(encoder, texts)
+    token_counts = _count_unknown(encoder, texts, known_counts)
     truncated_rows = [False] * len(texts)
     for index, tokens in enumerate(token_counts):
         if reasons[index] is not None or tokens <= max_tokens:
@@ -85,7 +93,20 @@ def screen_texts(texts: list[str], encoder, policy: RowPolicy) -> Screening:
             reasons[index] = TEXT_TOO_LONG
         else:
             truncated_rows[index] = True
-    return Screening(reasons=reasons, truncated_rows=truncated_rows)
+    return Screening(
+        reasons=reasons, truncated_rows=truncated_rows, token_counts=token_counts
+    )
+
+
+def _count_unknown(encoder, texts: list[str], known_counts) -> list[int]:
+    """Return the token count of each text, from `known_counts` where it has one."""
+    if known_counts is None:
+        return count_tokens(encoder, texts)
+    unknown = [index for index, count in enumerate(known_counts) if count is None]
+    counts = list(known_counts)
+    for index, count in zip(unknown, count_tokens(encoder, [texts[i] for i in unknown])):
+        counts[index] = count
+    return counts
 
 
 @dataclass
