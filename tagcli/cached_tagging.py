@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tagcli.backends import recorded_backend
-from tagcli.cache import CacheReader, EmbeddingCache
+from tagcli.cache import CACHE_FILE, CacheReader, EmbeddingCache
 from tagcli.config import Config
 from tagcli.model import Artifact
 from tagcli.near import EMBEDDING_COLUMN
@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 # Marks each row whose embedding came from the cache; the driver drops it.
 CACHED_COLUMN = "__cached"
+# Each row's token count, which the driver stores with a new embedding.
+TOKENS_COLUMN = "__tokens"
 
 
 @dataclass(frozen=True)
@@ -39,19 +41,39 @@ class CacheSpec:
         return CacheReader(self.path, self.model_id, self.backend)
 
 
-def embed_with_cache(encoder, texts: list[str], batch_size: int, reader):
-    """Return (embeddings, found): cached rows from `reader`, the others embedded.
+class BatchLookup:
+    """The cache's embeddings and token counts for the texts of one batch."""
 
-    `found` is a bool array (True for rows from the cache), or None without a
-    `reader`.
+    def __init__(self, reader, texts: list[str]) -> None:
+        self.embeddings, self.found, self.token_counts = reader.lookup_with_tokens(
+            texts
+        )
+
+    def take(self, rows: list[int]):
+        """Return (embeddings, found) of `rows`, as `CacheReader.lookup` returns them."""
+        import numpy as np
+
+        positions = np.asarray(rows, dtype=np.int64)
+        found = self.found[positions]
+        if self.embeddings is None or not found.any():
+            return None, found
+        return self.embeddings[positions], found
+
+
+def embed_with_cache(encoder, texts: list[str], batch_size: int, cached):
+    """Return (embeddings, found): rows from `cached`, the others embedded.
+
+    `cached` is (embeddings, found) for `texts`, as `CacheReader.lookup`
+    returns them, or None without a cache. `found` is a bool array (True for
+    rows from the cache), or None without a cache.
     """
     import numpy as np
 
     from tagcli.embed import embed_texts
 
-    if reader is None:
+    if cached is None:
         return embed_texts(encoder, texts, batch_size), None
-    embeddings, found = reader.lookup(texts)
+    embeddings, found = cached
     if embeddings is None:
         return embed_texts(encoder, texts, batch_size), found
     missing = np.flatnonzero(~found)
@@ -74,7 +96,7 @@ class TagCache:
         self.cached_rows = 0
 
     def absorb(self, batch, keep_embeddings: bool):
-        """Store the embeddings of a classified batch's tagged rows.
+        """Store the new embeddings of a classified batch's tagged rows, and mark all used.
 
         Returns the batch without the cache marker, and without the
         `__embedding` column unless `keep_embeddings` is set.
@@ -84,6 +106,7 @@ class TagCache:
         from tagcli.text import compose_text
 
         cached = batch.column(CACHED_COLUMN).to_numpy(zero_copy_only=False)
+        token_counts = batch.column(TOKENS_COLUMN).to_pylist()
         self.cached_rows += int(cached.sum())
         # Rejected rows and skipped exact duplicates have a null tag and a
         # zero vector, so they are not stored.
@@ -100,9 +123,14 @@ class TagCache:
                 compose_text(_text(titles[row]), _text(descriptions[row]))
                 for row in tagged
             ]
-            self.cache.store(texts, vectors[tagged])
+            self.cache.store(
+                texts,
+                vectors[tagged],
+                cached[tagged],
+                [token_counts[row] for row in tagged],
+            )
 
-        batch = batch.drop_columns([CACHED_COLUMN])
+        batch = batch.drop_columns([CACHED_COLUMN, TOKENS_COLUMN])
         if not keep_embeddings:
             batch = batch.drop_columns([EMBEDDING_COLUMN])
         return batch
@@ -117,6 +145,19 @@ class TagCache:
             stats.trimmed,
         )
         self.cache.close()
+
+
+def tag_cache_spec(
+    artifact: Artifact, config: Config, use_cache: bool
+) -> CacheSpec | None:
+    """Return the run's CacheSpec without opening the cache, or None when it is off."""
+    if not use_cache or config.embedding.cache_max_rows == 0:
+        return None
+    return CacheSpec(
+        Path(config.paths.state_dir) / CACHE_FILE,
+        artifact.manifest["embedding"]["model_id"],
+        recorded_backend(artifact.manifest),
+    )
 
 
 def open_tag_cache(artifact: Artifact, config: Config, use_cache: bool):

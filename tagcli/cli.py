@@ -461,7 +461,9 @@ out/NAME/ gets out/NAME-rejects.EXT) only when there are such rows. Rows read = 
 \b
 Where the embedding runs (--executor):
   auto   in-process when the input has at most [ray] max_local_rows rows
-         (default 100000) and no cluster address is set, otherwise on Ray
+         (default 100000), or when at most that many of its rows are neither
+         in the embedding cache nor exact duplicates, and no cluster address
+         is set; otherwise on Ray
   ray    always on Ray: a local instance, or the cluster at --address
   local  always in-process, on this machine's CPUs
 The paths group texts into encoder batches differently. With --backend

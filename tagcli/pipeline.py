@@ -18,11 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tagcli.backends import check_artifact_backend
-from tagcli.cached_tagging import CacheSpec, open_tag_cache
+from tagcli.cached_tagging import CacheSpec, open_tag_cache, tag_cache_spec
 from tagcli.config import Config
 from tagcli.dedupe import DuplicateRun
 from tagcli.embed import ModelSpec
 from tagcli.errors import TagcliError
+from tagcli.executor_choice import (
+    CachedRowCounter,
+    cached_row_counter,
+    executor_reason,
+)
 from tagcli.history import history_lock
 from tagcli.model import Artifact, load_artifact, newest_artifact
 from tagcli.near import ROW_COLUMN
@@ -75,7 +80,8 @@ def output_columns(tags: list[str]) -> list[str]:
 class TagWorker:
     """Ray Data callable class: embeds and classifies one Arrow batch.
 
-    The model loads once per actor in `__init__`. The head, and the ONNX export
+    The model loads once per actor, for the first batch with a text to embed
+    (see `tagcli.lazy_backend`). The head, and the ONNX export
     or a local model folder if the artifact has one, arrive through Ray's
     object store, so workers on other nodes need no shared file system. Each
     arrives wrapped in a one-element list: Ray then passes the ObjectRef
@@ -95,21 +101,17 @@ class TagWorker:
         skip_rows_ref: list | None = None,
         onnx_ref: list | None = None,
         cache_spec=None,
+        dimension: int = 0,
     ):
         import ray
 
-        from tagcli.embed import load_encoder, unpack_folder
+        from tagcli.lazy_backend import lazy_worker_backend
 
         self.head = ray.get(head_ref[0])
-        if onnx_ref:
-            from tagcli.backends import OnnxInt8Backend
-
-            self.encoder = OnnxInt8Backend(ray.get(onnx_ref[0]), threads)
-        else:
-            if model_folder_ref and spec.local_folder() is None:
-                folder = unpack_folder(ray.get(model_folder_ref[0]))
-                spec = ModelSpec(str(folder), spec.offline)
-            self.encoder = load_encoder(spec, threads=threads)
+        # Loads the model only for a batch with texts the cache lacks.
+        self.encoder = lazy_worker_backend(
+            spec, model_folder_ref, onnx_ref or [], threads, dimension
+        )
         self.batch_size = batch_size
         self.renames = renames
         self.policy = policy
@@ -149,12 +151,17 @@ def classify_batch(
     is each tagged row's cosine distance to the nearest training tag centroid;
     the driver turns it into the out-of-distribution flag. With a `cache` (a
     `tagcli.cache.CacheReader`), only texts it lacks are embedded, and the
-    `__embedding` and `__cached` columns follow for the driver.
+    `__embedding`, `__cached` and `__tokens` columns follow for the driver.
     """
     import numpy as np
     import pyarrow as pa
 
-    from tagcli.cached_tagging import CACHED_COLUMN, embed_with_cache
+    from tagcli.cached_tagging import (
+        CACHED_COLUMN,
+        TOKENS_COLUMN,
+        BatchLookup,
+        embed_with_cache,
+    )
     from tagcli.monitor import nearest_centroid_distance
     from tagcli.near import EMBEDDING_COLUMN
     from tagcli.rows import screen_texts
@@ -167,7 +174,10 @@ def classify_batch(
     titles = _text_column(batch, "title")
     descriptions = _text_column(batch, "description")
     texts = [compose_text(t, d) for t, d in zip(titles, descriptions)]
-    screening = screen_texts(texts, encoder, policy) if policy else None
+    # The cache may also hold the token counts, which the screening then reuses.
+    lookup = BatchLookup(cache, texts) if cache is not None else None
+    known_counts = lookup.token_counts if lookup is not None else None
+    screening = screen_texts(texts, encoder, policy, known_counts) if policy else None
     numbered = ROW_COLUMN in batch.column_names
     skipped = np.zeros(len(texts), dtype=bool)
     if numbered and skip_rows is not None and len(skip_rows):
@@ -181,7 +191,8 @@ def classify_batch(
     tagged_texts = [texts[index] for index in tagged_rows]
 
     tags = head.tags
-    embeddings, found = embed_with_cache(encoder, tagged_texts, batch_size, cache)
+    from_cache = lookup.take(tagged_rows) if lookup is not None else None
+    embeddings, found = embed_with_cache(encoder, tagged_texts, batch_size, from_cache)
     distances = np.full(len(texts), np.nan)
     if tagged_texts:
         probabilities = head.predict_proba(embeddings, tagged_texts)
@@ -209,6 +220,8 @@ def classify_batch(
         cached = np.zeros(len(texts), dtype=bool)
         cached[tagged_rows] = found
         columns[CACHED_COLUMN] = pa.array(cached, pa.bool_())
+        token_counts = screening.token_counts if screening else [None] * len(texts)
+        columns[TOKENS_COLUMN] = pa.array(token_counts, pa.int64())
     for name, values in columns.items():
         batch = batch.append_column(name, values)
     return batch
@@ -328,17 +341,25 @@ def resolve_artifact(config: Config, model_dir: Path | None) -> Artifact:
 
 
 def choose_executor(
-    requested: str, rows: int, address: str, max_local_rows: int
+    requested: str,
+    rows: int,
+    address: str,
+    max_local_rows: int,
+    rows_to_embed: int | None = None,
 ) -> str:
     """Return "ray" or "local" for a run.
 
     "auto" embeds in-process when no cluster address is set and the input has at
     most `max_local_rows` rows, where starting Ray would cost more than the work.
+    It does so for a larger input too when `rows_to_embed`, the rows that are
+    neither in the embedding cache nor exact duplicates, is at most that.
     """
     if requested != "auto":
         return requested
     if address:
         return "ray"
+    if rows_to_embed is not None and rows_to_embed <= max_local_rows:
+        return "local"
     return "local" if rows <= max_local_rows else "ray"
 
 
@@ -372,6 +393,13 @@ def tag(
     executor = choose_executor(
         options.executor, source.rows, address, config.ray.max_local_rows
     )
+    # Set when the rows already in the embedding cache may turn Ray into local.
+    counter = cached_row_counter(
+        options.executor,
+        executor,
+        address,
+        tag_cache_spec(artifact, config, options.use_cache),
+    )
     summary = TagSummary(
         input=source.path,
         output=Path(output_path),
@@ -381,9 +409,8 @@ def tag(
         rows_read=source.rows,
         renamed_columns=renames,
     )
-    log.info(
-        "Tagging %d rows from %s with executor %s", source.rows, source.path, executor
-    )
+    if counter is None:
+        _log_executor(source, executor, options.executor, address, config)
 
     review_threshold, monitor = _start_monitoring(artifact, config)
     summary.review_output = review_output_path(output_path, options.folder_format)
@@ -444,8 +471,14 @@ def tag(
                     config,
                     use_history,
                     added + [REJECT_MARKER, TRUNCATED_MARKER],
+                    on_texts=counter.add if counter is not None else None,
                 )
             cache = open_tag_cache(artifact, config, options.use_cache)
+            if counter is not None:
+                executor = _choose_with_cache(
+                    counter, source, duplicates, options.executor, address, config
+                )
+                summary.executor = executor
             cache_spec = cache.spec if cache is not None else None
             with RowProgress(source.rows, enabled=options.show_progress) as progress:
                 if executor == "ray":
@@ -573,6 +606,53 @@ def tag(
     return summary
 
 
+def _log_executor(
+    source: InputSource,
+    executor: str,
+    requested: str,
+    address: str,
+    config: Config,
+    rows_to_embed: int | None = None,
+) -> None:
+    reason = executor_reason(
+        requested, source.rows, address, config.ray.max_local_rows, rows_to_embed
+    )
+    log.info(
+        "Tagging %d rows from %s with executor %s (%s)",
+        source.rows,
+        source.path,
+        executor,
+        reason,
+    )
+
+
+def _choose_with_cache(
+    counter: CachedRowCounter,
+    source: InputSource,
+    duplicates: DuplicateRun | None,
+    requested: str,
+    address: str,
+    config: Config,
+) -> str:
+    """Choose the executor from the rows left to embed, and log the choice.
+
+    The screening pass of `duplicates` has fed `counter`; without it, the
+    counter reads the input's texts itself.
+    """
+    try:
+        if duplicates is None:
+            counter.read(source)
+        skipped = duplicates.exact.skipped_rows() if duplicates is not None else None
+        rows_to_embed = counter.rows_to_embed(skipped)
+    finally:
+        counter.close()
+    executor = choose_executor(
+        requested, source.rows, address, config.ray.max_local_rows, rows_to_embed
+    )
+    _log_executor(source, executor, requested, address, config, rows_to_embed)
+    return executor
+
+
 def _start_monitoring(artifact: Artifact, config: Config):
     """Return the review threshold and an empty DriftMonitor for a run."""
     review_threshold = resolve_review_threshold(
@@ -610,12 +690,13 @@ def _local_batches(
     import numpy as np
     import pyarrow as pa
 
-    from tagcli.backends import load_artifact_backend
+    from tagcli.lazy_backend import lazy_artifact_backend
 
     if source.rows == 0:
         # An input with a header and no rows needs no model.
         return
-    encoder = load_artifact_backend(artifact, config.embedding.offline)
+    # Loads the model only for a batch with texts the cache lacks.
+    encoder = lazy_artifact_backend(artifact, config.embedding.offline)
     skip_rows = duplicates.exact.skipped_rows() if duplicates else None
     cache = cache_spec.open_reader() if cache_spec else None
     first_row = 0
@@ -768,6 +849,7 @@ def _build_dataset(
             # NOTE: an actor on a node without the driver's state folder finds
             # no cache file and embeds every row.
             "cache_spec": cache_spec,
+            "dimension": int(artifact.manifest["embedding"]["dimension"]),
         },
         batch_size=config.ray.batch_size,
         batch_format="pyarrow",
