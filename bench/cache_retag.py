@@ -9,7 +9,12 @@ Both wall times include Python start-up, loading the model and, with
 --executor ray, starting Ray. The script fails when the second run does not
 report every embedded row as cached.
 
-Usage: python bench/cache_retag.py --rows 10000 [--model DIR] [--executor local]
+For each N given to --rows it prints the wall seconds of the first run and
+of the cached re-run, their ratio, the seconds each run reported in its --json
+summary (without Python start-up and imports), and the 1-minute load average
+before and after, which shows whether other jobs shared the machine.
+
+Usage: python bench/cache_retag.py --rows 10000 50000 [--model DIR] [--executor local]
 """
 
 from __future__ import annotations
@@ -45,18 +50,9 @@ def run_tag(dump: Path, output: Path, config: Path, model, executor: str):
     return seconds, json.loads(result.stdout.splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, required=True)
-    parser.add_argument("--model", type=Path, help="Model artifact. Default: the newest.")
-    parser.add_argument("--executor", default="local", choices=["ray", "local", "auto"])
-    args = parser.parse_args()
-    model = args.model.resolve() if args.model else None
-
-    print(
-        f"machine: {os.cpu_count()} CPUs, {platform.machine()}, "
-        f"Python {platform.python_version()}"
-    )
+def measure(rows: int, model, executor: str) -> str:
+    """Time the first and the cached `tagcli tag` on `rows` rows; return the report."""
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="tagcli-cache-bench-") as folder:
         folder = Path(folder)
         config = folder / "tagcli.toml"
@@ -65,14 +61,16 @@ def main() -> None:
         models = Path.cwd() / "models"
         config.write_text(
             f'[paths]\nstate_dir = "state"\nmodels_dir = "{models}"\n'
-            f"[embedding]\ncache_max_rows = {max(args.rows, 1)}\n"
+            f"[embedding]\ncache_max_rows = {max(rows, 1)}\n"
         )
         dump = folder / "dump.parquet"
-        build_dump(args.rows, dump)
+        build_dump(rows, dump)
 
-        first, _ = run_tag(dump, folder / "first.parquet", config, model, args.executor)
+        first, first_report = run_tag(
+            dump, folder / "first.parquet", config, model, executor
+        )
         second, report = run_tag(
-            dump, folder / "second.parquet", config, model, args.executor
+            dump, folder / "second.parquet", config, model, executor
         )
         # Exact duplicates and rejected rows are never embedded, so never cached.
         embedded = (
@@ -84,11 +82,39 @@ def main() -> None:
                 f"embedded rows in the cache:\n{report}"
             )
 
-    print(
-        f"N={args.rows} ({args.executor}): first run {first:.1f} s, fully cached "
-        f"re-run {second:.1f} s, {first / second:.1f}x faster "
-        "(wall time of each `tagcli tag` subprocess)"
+    load_after = os.getloadavg()[0]
+    return (
+        f"N={rows} ({executor}; cached run chose {report['executor']}): "
+        f"first run {first:.1f} s, fully cached re-run {second:.1f} s, "
+        f"ratio {first / second:.1f}x (wall time of each `tagcli tag` "
+        f"subprocess); in-run seconds {first_report['seconds']:.1f} and "
+        f"{report['seconds']:.1f}; load average {load_before:.1f} before, "
+        f"{load_after:.1f} after"
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--rows",
+        type=int,
+        nargs="+",
+        action="extend",
+        required=True,
+        help="Rows of the dump; several sizes run one after the other.",
+    )
+    parser.add_argument("--model", type=Path, help="Model artifact. Default: the newest.")
+    parser.add_argument("--executor", default="local", choices=["ray", "local", "auto"])
+    args = parser.parse_args()
+    model = args.model.resolve() if args.model else None
+
+    print(
+        f"machine: {os.cpu_count()} CPUs, {platform.machine()}, "
+        f"Python {platform.python_version()}",
+        flush=True,
+    )
+    for rows in args.rows:
+        print(measure(rows, model, args.executor), flush=True)
 
 
 if __name__ == "__main__":
