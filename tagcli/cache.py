@@ -6,8 +6,8 @@ another. The backend name is the one the artifact's manifest records ("torch"
 or "onnx-int8"). Lookups and writes go one batch at a time, so memory does not grow
 with the input. Beyond `max_rows` entries the least recently used are deleted.
 The time of each row's last use is kept in its own small table (`usage`),
-so marking the rows of a cached run as used rewrites 40-byte rows, not the
-1.6 KB rows that carry the vectors.
+so marking the rows of a cached run as used rewrites rows of a 32-byte key
+and a time, not the 1.6 KB rows that carry the vectors.
 
 Two processes may use the same file at once: the database runs in WAL mode
 (readers do not block the writer) and waits up to `BUSY_TIMEOUT_S` for the
@@ -124,7 +124,7 @@ class EmbeddingCache:
                 time.sleep(0.1)
 
     def _upgrade_schema(self) -> None:
-        """Add `usage` and `tokens` to a file from before them, keeping each last use."""
+        """Add `usage` and `tokens` to an older file, keeping each row's last use."""
         version_query = "PRAGMA user_version"
         if self._connection.execute(version_query).fetchone()[0] >= SCHEMA_VERSION:
             return
@@ -305,7 +305,7 @@ class CacheReader:
         return embeddings, found, token_counts
 
     def contains(self, texts: list[str]):
-        """Return a bool array: True for each text whose embedding the cache contains."""
+        """Return a bool array, True for each text whose embedding is in the cache."""
         import numpy as np
 
         keys = [cache_key(self.model_id, self.backend, text) for text in texts]

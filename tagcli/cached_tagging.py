@@ -50,7 +50,7 @@ class BatchLookup:
         )
 
     def take(self, rows: list[int]):
-        """Return (embeddings, found) of `rows`, as `CacheReader.lookup` returns them."""
+        """Return (embeddings, found) of `rows`, in the form `CacheReader.lookup` has."""
         import numpy as np
 
         positions = np.asarray(rows, dtype=np.int64)
@@ -96,7 +96,7 @@ class TagCache:
         self.cached_rows = 0
 
     def absorb(self, batch, keep_embeddings: bool):
-        """Store the new embeddings of a classified batch's tagged rows, and mark all used.
+        """Store a classified batch's new embeddings and mark its tagged rows as used.
 
         Returns the batch without the cache marker, and without the
         `__embedding` column unless `keep_embeddings` is set.

@@ -24,7 +24,7 @@ class CachedRowCounter:
         self.rows = 0
 
     def add(self, titles: list, descriptions: list) -> None:
-        """Look up the next rows of the input, given their raw title and description values."""
+        """Look up the next rows of the input, from their raw title and description."""
         texts = [
             compose_text(_text(title), _text(description))
             for title, description in zip(titles, descriptions)

@@ -40,7 +40,7 @@ _MODULE_CONFIG_FILES = (
 
 
 class TokenizerJsonCounter:
-    """Token counts from a `tokenizers` tokenizer.json, as OnnxInt8Backend counts them."""
+    """Token counts from a tokenizer.json, read as OnnxInt8Backend reads it."""
 
     def __init__(self, tokenizer_json: str, max_seq_length: int) -> None:
         from tokenizers import Tokenizer
@@ -136,7 +136,7 @@ class LazyBackend:
 
 
 def lazy_artifact_backend(artifact, offline: bool, threads: int | None = None):
-    """Return a LazyBackend for the backend recorded in `artifact`, loaded in this process."""
+    """Return a LazyBackend that loads the backend recorded in `artifact` here."""
     from tagcli.backends import ONNX_INT8, load_artifact_backend, recorded_backend
     from tagcli.embed import ModelSpec
 
@@ -229,7 +229,8 @@ def folder_token_counter(folder: Path | None) -> TransformersCounter | None:
         log.debug("Counting tokens of %s with the loaded model", folder)
         return None
 
-    # As load_encoder sets it: no tokenizer thread pool that a fork would copy.
+    # load_encoder sets the same default, which keeps the tokenizers library
+    # from warning when a process forks after it tokenized in parallel.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoTokenizer
 

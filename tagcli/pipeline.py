@@ -81,9 +81,9 @@ class TagWorker:
     """Ray Data callable class: embeds and classifies one Arrow batch.
 
     The model loads once per actor, for the first batch with a text to embed
-    (see `tagcli.lazy_backend`). The head, and the ONNX export
-    or a local model folder if the artifact has one, arrive through Ray's
-    object store, so workers on other nodes need no shared file system. Each
+    (see `tagcli.lazy_backend`). The head, and the ONNX export or a local
+    model folder if the artifact has one, arrive through Ray's object store,
+    so workers on other nodes need no shared file system. Each
     arrives wrapped in a one-element list: Ray then passes the ObjectRef
     instead of resolving it into the constructor arguments, which a restarted
     actor could no longer read once they were freed.

@@ -104,7 +104,8 @@ def _count_unknown(encoder, texts: list[str], known_counts) -> list[int]:
         return count_tokens(encoder, texts)
     unknown = [index for index, count in enumerate(known_counts) if count is None]
     counts = list(known_counts)
-    for index, count in zip(unknown, count_tokens(encoder, [texts[i] for i in unknown])):
+    new_counts = count_tokens(encoder, [texts[index] for index in unknown])
+    for index, count in zip(unknown, new_counts):
         counts[index] = count
     return counts
 

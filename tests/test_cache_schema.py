@@ -61,7 +61,8 @@ def test_old_file_upgrades_keeping_last_use(tmp_path):
         connection = cache._connection
         stamps = [row[0] for row in connection.execute("SELECT last_used FROM usage")]
         version = connection.execute("PRAGMA user_version").fetchone()[0]
-        columns = [row[1] for row in connection.execute("PRAGMA table_info(embeddings)")]
+        table_info = connection.execute("PRAGMA table_info(embeddings)")
+        columns = [row[1] for row in table_info]
         found_vectors, found = cache.lookup(["a", "b", "c"])
 
     assert sorted(stamps) == [10, 20, 30]
@@ -76,9 +77,9 @@ def test_old_file_trims_by_old_stamps(tmp_path):
 
     with EmbeddingCache(tmp_path, "model", "backend", max_rows=3) as cache:
         cache.store(["d"], unit_vectors(1, seed=1))
-        _, kept = cache.lookup(["a", "b", "c", "d"])
+        _, present = cache.lookup(["a", "b", "c", "d"])
 
-    assert kept.tolist() == [True, False, True, True]
+    assert present.tolist() == [True, False, True, True]
 
 
 def test_old_file_opened_by_reader_first(tmp_path):
@@ -110,9 +111,9 @@ def test_found_rows_count_as_used(tmp_path):
         # Marks "a" as used after "b", as the driver does for a cached row.
         cache.store(["a"], unit_vectors(1), found=np.array([True]))
         cache.store(["c"], unit_vectors(1, seed=2))
-        _, kept = cache.lookup(["a", "b", "c"])
+        _, present = cache.lookup(["a", "b", "c"])
 
-    assert kept.tolist() == [True, False, True]
+    assert present.tolist() == [True, False, True]
 
 
 def test_token_counts_round_trip(tmp_path):

@@ -1,4 +1,4 @@
-"""Re-tagging cached text: no model load, only missing rows embedded, executor choice."""
+"""Re-tagging cached text: no model load, only new rows embedded, executor choice."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from tagcli import lazy_backend
 from tagcli.cache import CACHE_FILE
 from tagcli.cached_tagging import CacheSpec
 from tagcli.config import load_config
-from tagcli.executor_choice import CachedRowCounter
-from tagcli.pipeline import TagOptions, tag
+from tagcli.executor_choice import CachedRowCounter, executor_reason
+from tagcli.pipeline import TagOptions, choose_executor, tag
 
 
 def tag_summary(input_path, output, config, model, executor="local", **options):
@@ -208,6 +208,35 @@ def test_auto_without_cache_names_limit(tmp_path, small_model, caplog):
     choice = [r.message for r in caplog.records if "with executor" in r.message]
     assert len(choice) == 1
     assert "at most [ray] max_local_rows (100000)" in choice[0]
+
+
+@pytest.mark.parametrize(
+    ("requested", "address", "rows_to_embed", "expected"),
+    [
+        ("auto", "", 100, "local"),
+        ("auto", "", 101, "ray"),
+        ("auto", "", None, "ray"),
+        ("auto", "127.0.0.1:6379", 0, "ray"),
+        ("ray", "", 0, "ray"),
+    ],
+)
+def test_choice_counts_rows_to_embed(requested, address, rows_to_embed, expected):
+    chosen = choose_executor(requested, 500, address, 100, rows_to_embed)
+
+    assert chosen == expected
+
+
+def test_reason_names_rows_and_limit():
+    cached = executor_reason("auto", 500, "", 100, 40)
+    uncached = executor_reason("auto", 500, "", 100, 400)
+
+    assert cached == (
+        "40 of 500 rows need embedding after the embedding cache and exact "
+        "duplicates, at most [ray] max_local_rows (100)"
+    )
+    assert uncached.endswith("over [ray] max_local_rows (100)")
+    assert executor_reason("ray", 500, "", 100) == "--executor ray"
+    assert "127.0.0.1:6379" in executor_reason("auto", 5, "127.0.0.1:6379", 100)
 
 
 def load_model_id(model) -> str:
