@@ -1,4 +1,4 @@
-"""How `--executor auto` counts the rows that the embedding cache already contains.
+"""Counting of the input rows already in the embedding cache, for `--executor auto`.
 
 An input over `[ray] max_local_rows` rows would start Ray, but when most of
 its texts are in the embedding cache, little is left to embed and Ray's

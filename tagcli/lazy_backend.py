@@ -165,8 +165,8 @@ def lazy_worker_backend(
 ):
     """Return a LazyBackend for a Ray actor, from the objects `TagWorker` receives.
 
-    `onnx_ref` holds the ObjectRef of a `tagcli.backends.OnnxModel`, or is
-    empty for torch. `model_folder_ref` holds the ObjectRef of a packed model
+    `onnx_ref` contains the ObjectRef of a `tagcli.backends.OnnxModel`, or is
+    empty for torch. `model_folder_ref` contains the ObjectRef of a packed model
     folder when the model is a folder on the driver's machine.
     """
     import ray
