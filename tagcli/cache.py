@@ -259,8 +259,7 @@ class CacheReader:
     """Read-only lookups in an embedding cache file, as embedding workers do them.
 
     It never marks rows as used: the driver does that when it stores the
-    embeddings of each tagged batch. A missing file finds nothing, which is
-    the case on a Ray node that does not share the driver's state folder.
+    embeddings of each tagged batch. A missing file finds nothing.
     """
 
     def __init__(self, path: Path, model_id: str, backend: str) -> None:

@@ -83,8 +83,9 @@ class TagWorker:
     The model loads once per actor, for the first batch with a text to embed
     (see `tagcli.lazy_backend`). The head, and the ONNX export or a local
     model folder if the artifact has one, arrive through Ray's object store,
-    so workers on other nodes need no shared file system. Each
-    arrives wrapped in a one-element list: Ray then passes the ObjectRef
+    so workers on other nodes need no shared file system; neither does the
+    embedding cache, which `cache_service` answers from the driver's node.
+    Each arrives wrapped in a one-element list: Ray then passes the ObjectRef
     instead of resolving it into the constructor arguments, which a restarted
     actor could no longer read once they were freed.
     """
@@ -100,7 +101,7 @@ class TagWorker:
         policy: RowPolicy | None = None,
         skip_rows_ref: list | None = None,
         onnx_ref: list | None = None,
-        cache_spec=None,
+        cache_service=None,
         dimension: int = 0,
     ):
         import ray
@@ -116,7 +117,11 @@ class TagWorker:
         self.renames = renames
         self.policy = policy
         self.skip_rows = ray.get(skip_rows_ref[0]) if skip_rows_ref else None
-        self.cache = cache_spec.open_reader() if cache_spec else None
+        self.cache = None
+        if cache_service is not None:
+            from tagcli.cache_service import RemoteCacheReader
+
+            self.cache = RemoteCacheReader(cache_service)
 
     def __call__(self, batch):
         return classify_batch(
@@ -791,13 +796,15 @@ def _build_dataset(
     """Return the lazy Ray Data pipeline: read, then embed and classify on actors.
 
     With `duplicates`, the reader numbers the rows and the actors skip
-    embedding its exact duplicates. With `cache_spec`, each actor reads the
-    cache file and embeds only the texts it lacks.
+    embedding its exact duplicates. With `cache_spec`, each actor looks its
+    texts up through a `CacheService` on this node and embeds only those the
+    cache lacks.
     """
     import ray
     import ray.data
 
     from tagcli.backends import ONNX_INT8, read_onnx_model, recorded_backend
+    from tagcli.cache_service import start_cache_service
     from tagcli.embed import pack_folder
 
     context = ray.data.DataContext.get_current()
@@ -846,9 +853,11 @@ def _build_dataset(
             "policy": policy,
             "skip_rows_ref": skip_rows_ref,
             "onnx_ref": onnx_ref,
-            # NOTE: an actor on a node without the driver's state folder finds
-            # no cache file and embeds every row.
-            "cache_spec": cache_spec,
+            # Actors on any node look the cache up through one service actor
+            # on this node, which has the state folder.
+            "cache_service": (
+                start_cache_service(cache_spec) if cache_spec is not None else None
+            ),
             "dimension": int(artifact.manifest["embedding"]["dimension"]),
         },
         batch_size=config.ray.batch_size,

@@ -321,3 +321,33 @@ def test_corrupt_cache_names_file_and_fix(tmp_path, small_model):
     assert str(state / CACHE_FILE) in result.output
     assert "--no-cache" in result.output
     assert not (tmp_path / "out.parquet").exists()
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_remote_reader_in_other_process(tmp_path):
+    import ray
+
+    from tagcli.cache_service import RemoteCacheReader, start_cache_service
+    from tagcli.cached_tagging import CacheSpec
+
+    vectors = unit_vectors(3)
+    with EmbeddingCache(tmp_path / "state", "model-a", "onnx-int8", max_rows=100) as cache:
+        cache.store(["first", "second"], vectors[:2])
+    spec = CacheSpec(tmp_path / "state" / CACHE_FILE, "model-a", "onnx-int8")
+    service = start_cache_service(spec)
+
+    @ray.remote(num_cpus=0)
+    def look_up_elsewhere(handle, texts):
+        # Only the actor handle reaches this worker process, not the file path.
+        embeddings, found, _ = RemoteCacheReader(handle).lookup_with_tokens(texts)
+        return os.getpid(), embeddings, found
+
+    worker_pid, embeddings, found = ray.get(
+        look_up_elsewhere.remote(service, ["second", "unknown", "first"])
+    )
+
+    assert worker_pid != os.getpid()
+    assert found.tolist() == [True, False, True]
+    assert np.allclose(embeddings[0], vectors[1], atol=1e-3)
+    assert np.allclose(embeddings[2], vectors[0], atol=1e-3)
+    ray.kill(service)
