@@ -506,19 +506,34 @@ def write_index(state_dir: Path, data: dict) -> None:
 def remove_unlisted(
     state_dir: Path, keep_files: set[str], segments: list[dict]
 ) -> None:
-    """Delete files that index.json does not list: leftovers of killed or cleared runs.
+    """Delete history files that index.json does not list: leftovers of killed or cleared runs.
 
-    Call only while holding the lock, so no other run is writing its files.
+    Only the history's own files count: saved near-duplicate indexes and
+    staging files. The embedding cache and the feedback store share the
+    folder and stay. Call only while holding the lock, so no other run is
+    writing its files.
     """
     listed = {segment["file"] for segment in segments}
     for path in state_dir.iterdir():
-        if path.is_file() and path.name not in keep_files:
+        if (
+            path.is_file()
+            and path.name not in keep_files
+            and _is_history_file(path.name)
+        ):
             path.unlink(missing_ok=True)
     folder = state_dir / SEGMENTS_FOLDER
     if folder.is_dir():
         for path in folder.iterdir():
             if path.name not in listed:
                 path.unlink(missing_ok=True)
+
+
+def _is_history_file(name: str) -> bool:
+    """Return whether `name`, in the state folder, is a file the history writes."""
+    if name.startswith("near-") and name.endswith(".faiss"):
+        return True
+    staged = (".near-", f".{INDEX_FILE}.")
+    return name.startswith(staged) and name.endswith(".partial")
 
 
 def clear_history(state_dir: Path, timeout_seconds: float) -> History:

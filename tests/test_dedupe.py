@@ -384,6 +384,27 @@ def test_history_command_shows_and_clears(tmp_path, small_model, duplicate_batch
     assert cleared.exit_code == 0, cleared.output
     assert read_history(tmp_path / "state").rows == 0
     assert list((tmp_path / "state" / "segments").iterdir()) == []
+    # Clearing the history leaves the embedding cache in the same folder.
+    assert (tmp_path / "state" / "embeddings.sqlite").exists()
+
+
+def test_history_commit_keeps_cache(tmp_path, small_model, duplicate_batch):
+    config = write_config(tmp_path, paths={"state_dir": "state"})
+    first = tag_batch(duplicate_batch, tmp_path / "first.parquet", small_model, config)
+    assert first.exit_code == 0, first.output
+
+    again = run_cli(
+        "tag", duplicate_batch, "-o", tmp_path / "again.parquet", "--model",
+        small_model, "--no-history", "--json", config=config,
+    )
+
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "state" / "embeddings.sqlite").exists()
+    lines = [line for line in again.output.splitlines() if line.startswith("{")]
+    summary = json.loads(lines[0])
+    assert summary["rows_tagged"] == 9
+    # Every embedded row, the near duplicate included, comes from the cache.
+    assert summary["rows_cached"] == summary["rows_read"] - summary["rows_duplicate_exact"]
 
 
 class CliRunnerWithInput:
