@@ -47,13 +47,18 @@ def parse_line(raw: bytes) -> Item:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
         raise LineError(
-            f"not valid UTF-8 (byte {error.start}); write the stream in UTF-8"
+            f"not valid UTF-8 (invalid byte 0x{raw[error.start]:02x} at offset "
+            f"{error.start}); write the stream in UTF-8"
         ) from error
     try:
-        value = json.loads(text)
+        # Without its line ending, an unclosed string is reported as such, not
+        # as a control character.
+        value = json.loads(text.rstrip("\r\n"))
     except json.JSONDecodeError as error:
+        # Some messages of the json module end with "at", ready for a position.
+        message = error.msg.removesuffix(" at")
         raise LineError(
-            f"invalid JSON: {error.msg} at column {error.colno}; write one JSON "
+            f"invalid JSON: {message} at column {error.colno}; write one JSON "
             "object per line"
         ) from error
     if not isinstance(value, dict):

@@ -13,14 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tagcli.config import Config
+from tagcli.errors import TagcliError
+from tagcli.monitor import resolve_review_threshold
 from tagcli.text import content_key, compose_text
 
 log = logging.getLogger(__name__)
-
-# Manifest key of an optional confidence threshold: below it, a prediction
-# gets "needs_review": true. Artifacts without it get no needs_review field.
-REVIEW_THRESHOLD_KEY = "review_threshold"
-
 
 @dataclass(frozen=True)
 class Item:
@@ -169,7 +166,14 @@ class Predictor:
             config.predict.duplicate_window,
             history,
         )
-        self.review_threshold = self.artifact.manifest.get(REVIEW_THRESHOLD_KEY)
+        # The same threshold as `tag`: [review] threshold, "auto" taking the one
+        # chosen at train time. A model too old to have one gets no needs_review.
+        try:
+            self.review_threshold = resolve_review_threshold(
+                config.review.threshold, self.artifact.manifest
+            )
+        except TagcliError:
+            self.review_threshold = None
         # The first encode initialises the backend's kernels; do it before the first
         # item arrives, so that item gets the same latency as the rest.
         self.predict(Item(None, "warm-up", "warm-up"), remember=False)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from conftest import SAMPLE_CSV, read_output, run_cli, write_config
+from conftest import read_output, run_cli, write_config
 
 from tagcli.dedupe import content_key, normalise_text, normalise_url
 from tagcli.history import history_lock, read_history

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import selectors
-import shutil
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import time
 import numpy as np
 from click.testing import CliRunner
 import polars as pl
+import pytest
 from conftest import SAMPLE_CSV, run_cli, write_config
 
 from tagcli.backends import OnnxInt8Backend
@@ -106,6 +106,30 @@ def test_stream_answers_each_line_before_next(small_model):
             process.wait()
 
 
+def test_sigterm_ends_stream_after_replies(small_model):
+    import signal
+
+    process = start_predict(small_model)
+    reader = LineReader(process)
+    try:
+        process.stdin.write((item_line(1, "BERT", "Transformers for text") + "\n").encode())
+        process.stdin.flush()
+        reply = json.loads(reader.read_line())
+
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=REPLY_TIMEOUT_S)
+        stderr = process.stderr.read().decode()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert reply["id"] == 1
+    assert code == 143
+    assert "every line read before it has its output line" in stderr
+    assert "no output was written" not in stderr
+
+
 def test_malformed_lines_do_not_stop_stream(small_model):
     lines = [
         item_line("a", "Image segmentation", "U-Net for medical scans"),
@@ -193,7 +217,9 @@ def test_single_item_output(small_model):
     assert reply["confidence"] == max(reply["probabilities"].values())
     assert reply["tag"] == max(reply["probabilities"], key=reply["probabilities"].get)
     assert reply["duplicate_of"] is None
-    assert "needs_review" not in reply
+    manifest = json.loads((small_model / "manifest.json").read_text())
+    below = reply["confidence"] < manifest["review"]["threshold"]
+    assert reply["needs_review"] is below
 
 
 def test_single_item_option_errors(small_model):
@@ -230,20 +256,19 @@ def test_stream_marks_duplicates(small_model):
 
 
 def test_needs_review_follows_threshold(tmp_path, small_model):
-    model = tmp_path / "model"
-    shutil.copytree(small_model, model)
-    manifest_path = model / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    # Above any probability, so every prediction needs review.
-    manifest["review_threshold"] = 1.01
-    manifest_path.write_text(json.dumps(manifest))
+    (tmp_path / "every").mkdir()
+    (tmp_path / "none").mkdir()
+    every_row = write_config(tmp_path / "every", review={"threshold": 1.0})
+    no_row = write_config(tmp_path / "none", review={"threshold": 0.0})
+    item = ["--title", "Diffusion models for images"]
 
-    result = run_cli(
-        "predict", "--model", model, "--title", "Diffusion models for images"
-    )
+    flagged = run_cli("predict", "--model", small_model, *item, config=every_row)
+    unflagged = run_cli("predict", "--model", small_model, *item, config=no_row)
 
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["needs_review"] is True
+    assert flagged.exit_code == 0, flagged.output
+    assert unflagged.exit_code == 0, unflagged.output
+    assert json.loads(flagged.output)["needs_review"] is True
+    assert json.loads(unflagged.output)["needs_review"] is False
 
 
 def test_stream_finds_history_duplicates(tmp_path, small_model):
@@ -361,3 +386,14 @@ def test_duplicates_window_zero_keeps_nothing():
     duplicates.add("base", "key-1", np.array([1.0, 0.0], np.float32))
 
     assert duplicates.find(ANY_ITEM, "key-1", np.array([1.0, 0.0], np.float32)) is None
+
+
+def test_unclosed_string_message():
+    from tagcli.jsonl_stream import LineError, parse_line
+
+    with pytest.raises(LineError) as caught:
+        parse_line(b'{"id": 2, "title": "broken\n')
+
+    message = str(caught.value)
+    assert "Unterminated string starting at column 20" in message
+    assert "at at" not in message

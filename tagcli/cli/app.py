@@ -28,7 +28,8 @@ _EXIT_CODE_LINES = {
     0: "  0    success",
     1: "  1    internal error (a bug: please report it with the log)",
     2: "  2    usage error: an invalid option or tagcli.toml setting, an output\n"
-    "       that exists (without --overwrite), or an unsupported output extension",
+    "       that exists (without --overwrite) or is the input, or an\n"
+    "       unsupported output extension",
     3: "  3    bad input: a file, column or row that cannot be used",
     4: "  4    partial success: the output was written, and some rows went to\n"
     "       the rejects file ([rows] in tagcli.toml)",
@@ -111,6 +112,11 @@ class TagcliGroup(click.Group):
                 "Stopped by SIGTERM; temporary files were removed and no output "
                 "was written."
             )
+            if ctx.invoked_subcommand == "predict":
+                message = (
+                    "Stopped by SIGTERM; every line read before it has its "
+                    "output line."
+                )
             click.echo(message, err=True)
             _echo_failure_json(ctx, EXIT_TERMINATED, message)
             ctx.exit(EXIT_TERMINATED)
@@ -271,7 +277,7 @@ def main(
     """Tag machine-learning content with one approved tag each.
 
     Train a logistic-regression head on sentence-transformers embeddings, tag
-    CSV or Parquet dumps on Ray, and evaluate the model.
+    CSV or Parquet dumps in-process or on a Ray cluster, and evaluate the model.
     """
     _setup_logging(verbose, quiet)
     ctx.obj = CliState(config_path, verbose, quiet)

@@ -22,18 +22,22 @@ tagged, so `tail -f feed.jsonl | tagcli predict` works. The model loads once.
 
 \b
 Each output line has id, tag, confidence, probabilities (per approved tag),
-needs_review (only when the model has a review threshold) and duplicate_of:
-the id of an earlier item of the stream, or of a row that `tag` kept in the
-history in [paths] state_dir, with the same text or an embedding at cosine
-similarity of at least [predict] near_duplicate_threshold, else null.
-Predict reads the history once at start and never writes it. A line that cannot be tagged gets {"line": N, "error": "..."} instead,
-and the stream goes on; the exit code is then 4.
+needs_review (confidence below [review] threshold, as in `tag`) and
+duplicate_of: the id of an earlier item of the stream, or of a row that
+`tag` kept in the history in [paths] state_dir, with the same text or an
+embedding at cosine similarity of at least [predict]
+near_duplicate_threshold, else null. Predict reads the history once at
+start and never writes it. A line that cannot be tagged gets
+{"line": N, "error": "..."} instead, and the stream goes on; the exit code
+is then 4.
 """
 
 
 PREDICT_EXIT_CODES_HELP = (
     exit_codes_help(0, 1, 2, 3)
     + "  4    partial success: some input lines got error lines, the rest were tagged\n"
+    + "  130  interrupted with Ctrl-C; every line read before has its output line\n"
+    + "  143  stopped by SIGTERM; every line read before has its output line\n"
 )
 
 

@@ -53,7 +53,8 @@ of part files.
 Rows with no title and no description, or with more tokens than the model
 reads, follow [rows] in tagcli.toml: tagged, or written with a reason column
 to OUTPUT.rejects.csv or .parquet beside the output (a folder output
-out/NAME/ gets out/NAME-rejects.EXT) only when there are such rows. Rows read = tagged + duplicates + rejected.
+out/NAME/ gets out/NAME-rejects.EXT) only when there are such rows.
+Rows read = tagged + duplicates + rejected.
 
 \b
 Where the embedding runs (--executor):
@@ -75,7 +76,8 @@ Duplicates: rows with the same title and description as an earlier row
 has a cosine similarity of at least [dedupe] near_threshold to one, are not
 tagged. They go to NAME.duplicates.EXT beside the output (a folder output
 out/NAME/ gets out/NAME-duplicates.EXT) only when there are duplicates, with
-the id kept in duplicate_of. The earliest row by created_on, then input order, is kept.
+the id kept in duplicate_of. The earliest row by created_on, then input
+order, is kept.
 Rows tagged by earlier runs are remembered in [paths] state_dir, so a later
 run drops them too; see `tagcli history`.
 
@@ -113,9 +115,9 @@ with --fail-on-drift, a drifted batch exits with status 5.
 @click.option(
     "--overwrite",
     is_flag=True,
-    help="Replace the output and its rejects and duplicates files if they exist; "
-    "stale rejects or duplicates files are removed when this run has none. "
-    "The input itself is never replaced.",
+    help="Replace the output and its rejects, duplicates and review files if "
+    "they exist; stale rejects or duplicates files are removed when this run "
+    "has none. The input itself is never replaced.",
 )
 @click.option(
     "--input-format",
