@@ -334,6 +334,8 @@ class MovedRows:
     tag_counts: Counter = field(default_factory=Counter)
     review_rows: int = 0
     truncated_rows: int = 0
+    out_of_distribution: int = 0
+    distance_sum: float = 0.0
 
 
 def move_displaced_rows(
@@ -380,6 +382,9 @@ def _drop_from_output(writer, plan, duplicates_writer, tag_columns, moved, revie
     """
     import numpy as np
     import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from tagcli.monitor import DISTANCE_COLUMN, OOD_COLUMN
 
     positions = plan.output_positions
     review_positions: list[int] = []
@@ -407,6 +412,12 @@ def _drop_from_output(writer, plan, duplicates_writer, tag_columns, moved, revie
         moved.rows += dropped.num_rows
         moved.tag_counts.update(dropped.column("tag").to_pylist())
         moved.review_rows += int(review[local].sum())
+        moved.out_of_distribution += int(
+            pc.sum(dropped.column(OOD_COLUMN).cast("int64")).as_py() or 0
+        )
+        moved.distance_sum += float(
+            pc.sum(dropped.column(DISTANCE_COLUMN)).as_py() or 0
+        )
         duplicates_writer.write(
             _as_duplicates(
                 dropped,

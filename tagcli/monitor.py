@@ -246,6 +246,18 @@ class DriftMonitor:
         )
         self.distance_sum += float(pc.sum(batch.column(DISTANCE_COLUMN)).as_py() or 0)
 
+    def remove(self, moved) -> None:
+        """Take out rows that left the output after `update` counted them.
+
+        `moved` is a `tagcli.displace.MovedRows`: rows displaced as near
+        duplicates at the end of the run.
+        """
+        self.rows -= moved.rows
+        self.tag_counts.subtract(moved.tag_counts)
+        self.out_of_distribution -= moved.out_of_distribution
+        self.needs_review -= moved.review_rows
+        self.distance_sum -= moved.distance_sum
+
     def report(self, psi_threshold: float, ood_share_threshold: float) -> dict:
         """Return the drift report of the batch; `drifted` is None for an empty batch.
 

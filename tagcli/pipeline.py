@@ -457,7 +457,6 @@ def tag(
             duplicates_writer.abort()
         raise
     counts: Counter[str] = Counter()
-    review_rows_moved = 0
     batches = None
     duplicates = None
     cache = None
@@ -536,7 +535,8 @@ def tag(
                     writer, review_writer, duplicates_writer
                 )
                 counts.subtract(moved.tag_counts)
-                review_rows_moved = moved.review_rows
+                # Drift and review counts cover the rows that stay in the output.
+                monitor.remove(moved)
                 summary.rows_truncated -= moved.truncated_rows
                 summary.rows_duplicate_exact = duplicates.exact_count
                 summary.rows_duplicate_near = duplicates.near_count
@@ -601,9 +601,7 @@ def tag(
     if duplicates_writer is not None and duplicates_writer.rows_written:
         summary.duplicates_output = duplicates_writer.path
     summary.tag_counts = {name: counts.get(name, 0) for name in artifact.tags}
-    summary.review_rows = monitor.needs_review - review_rows_moved
-    # The drift statistics still include rows displaced as near duplicates
-    # after they were tagged: they were part of the input's distribution.
+    summary.review_rows = monitor.needs_review
     summary.drift = monitor.report(
         config.drift.psi_threshold, config.drift.ood_share_threshold
     )

@@ -100,6 +100,11 @@ def check_counts(summary: dict, read: int) -> None:
     )
     assert sum(summary["tag_counts"].values()) == summary["rows_tagged"]
     assert summary["rows_needs_review"] == summary["rows_tagged"]
+    # Drift covers the rows left in the output, not the displaced ones.
+    assert summary["drift"]["rows"] == summary["rows_tagged"]
+    for tag, shares in summary["drift"]["tags"].items():
+        expected = summary["tag_counts"][tag] / summary["rows_tagged"]
+        assert shares["batch_share"] == pytest.approx(expected)
 
 
 def check_chain(output, duplicates_file, review, summary) -> None:
