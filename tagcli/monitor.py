@@ -336,6 +336,6 @@ def render_drift(console, report: dict) -> None:
     if report["drifted"]:
         console.print(f"Drift: yes ({'; '.join(report['reasons'])}).")
     elif report["drifted"] is None:
-        console.print("Drift: not measured, because the batch has no rows.")
+        console.print("Drift: not measured, because no row of the batch was tagged.")
     else:
         console.print("Drift: no.")

@@ -613,3 +613,13 @@ def test_history_index_rebuilt_from_segments(tmp_path):
     assert history.id_lookup()(2345) == "row-2345"
     assert sorted_keys.tolist() == sorted(keys.tolist())
     assert positions[0] == 0
+
+
+def test_clear_empty_history_asks_nothing(tmp_path):
+    config = write_config(tmp_path, paths={"state_dir": "state"})
+
+    # No input on standard input: a confirmation prompt would fail with exit 2.
+    result = CliRunnerWithInput("").invoke("history", "--clear", config=config)
+
+    assert result.exit_code == 0, result.output
+    assert "empty; nothing to clear" in result.output

@@ -34,6 +34,10 @@ def history(obj: CliState, clear: bool, yes: bool) -> None:
     config = obj.config
     state_dir = config.paths.state_dir
     current = read_history(state_dir)
+    if clear and current.rows == 0:
+        if not obj.quiet:
+            make_console().print(f"The history in {state_dir} is empty; nothing to clear.")
+        return
     if clear:
         if not yes:
             try:
