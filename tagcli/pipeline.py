@@ -60,6 +60,7 @@ from tagcli.signals import sigterm_deferred
 from tagcli.writer import (
     RejectsWriter,
     check_output_apart,
+    check_output_path,
     open_writer,
     sidecar_path,
 )
@@ -389,6 +390,7 @@ def tag(
     model_path = artifact_path(config, options.model_dir)
     source = open_source(Path(input_path), INPUT_COLUMNS, options.encoding)
     check_output_apart(source.path, output_path)
+    check_output_path(output_path, options.overwrite)
     artifact = load_artifact(model_path, config.tags.approved)
     check_artifact_backend(artifact, config.embedding.backend)
 

@@ -205,6 +205,14 @@ def open_writer(
 
     An existing output is replaced only with `overwrite`, and only on commit.
     """
+    check_output_path(path, overwrite)
+    if is_folder_output(path):
+        return FolderWriter(Path(path), folder_format, rows_per_file)
+    return FileWriter(Path(path))
+
+
+def check_output_path(path: str | Path, overwrite: bool) -> None:
+    """Raise TagcliError when `path` exists without `overwrite`, or names no known format."""
     folder = is_folder_output(path)
     path = Path(path)
     if path.exists() and not overwrite:
@@ -214,7 +222,7 @@ def open_writer(
             exit_code=EXIT_USAGE,
         )
     if folder:
-        return FolderWriter(path, folder_format, rows_per_file)
+        return
     if path.suffix == "":
         raise TagcliError(
             f"{path}: the output has no extension; end a file name with .csv or "
@@ -222,7 +230,6 @@ def open_writer(
             exit_code=EXIT_USAGE,
         )
     file_format(path, purpose="output")
-    return FileWriter(path)
 
 
 class RejectsWriter:
