@@ -3,6 +3,7 @@
 An artifact is a folder:
 
     head.joblib          the fitted TagHead
+    head-linear.pkl      the same head as numpy arrays, for tagging (linear_head.py)
     manifest.json        tags, embedding model, metrics, checksums, versions
     validation.parquet   the validation split, the default set for `tagcli eval`
     fitted_rows.txt      content keys of the rows the saved head was fitted on
@@ -282,6 +283,8 @@ def save_artifact(
     """
     import joblib
 
+    from tagcli.linear_head import LINEAR_HEAD_FILE, save_linear_head
+
     target = Path(target)
     check_output_folder(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -291,6 +294,10 @@ def save_artifact(
     staging.mkdir()
     try:
         joblib.dump(head, staging / HEAD_FILE)
+        # The numpy form of the head, when it can reproduce this head's features.
+        linear = []
+        if save_linear_head(head, staging / LINEAR_HEAD_FILE):
+            linear.append(LINEAR_HEAD_FILE)
         validation_frame.write_parquet(staging / VALIDATION_FILE)
         (staging / FITTED_ROWS_FILE).write_text("\n".join(sorted(fitted_keys)) + "\n")
         extra_files = extra_files or {}
@@ -302,7 +309,13 @@ def save_artifact(
         )
         manifest["files"] = {
             name: sha256_file(staging / name)
-            for name in (HEAD_FILE, VALIDATION_FILE, FITTED_ROWS_FILE, *extra_files)
+            for name in (
+                HEAD_FILE,
+                *linear,
+                VALIDATION_FILE,
+                FITTED_ROWS_FILE,
+                *extra_files,
+            )
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         old = None
@@ -371,7 +384,8 @@ def newest_artifact(models_dir: Path, config_source: Path | None = None) -> Path
 class Artifact:
     path: Path
     manifest: dict
-    head: TagHead
+    # A TagHead, or a tagcli.linear_head.LinearHead when loaded for tagging.
+    head: object
 
     @property
     def tags(self) -> list[str]:
@@ -381,16 +395,19 @@ class Artifact:
         return set((self.path / FITTED_ROWS_FILE).read_text().split())
 
 
-def load_artifact(path: Path, approved_tags: list[str]) -> Artifact:
+def load_artifact(
+    path: Path, approved_tags: list[str], numpy_head: bool = False
+) -> Artifact:
     """Load and check an artifact folder.
 
     Raises TagcliError when the manifest is missing or invalid, when a file's
     sha256 differs from the manifest (a changed or corrupt head), or when the
     artifact's approved tags differ from `approved_tags` in the configuration.
     joblib runs code while loading, so the checksum is verified first; still,
-    load only artifacts you trust.
+    load only artifacts you trust. With `numpy_head`, an artifact that has
+    the numpy form of its head (`tagcli.linear_head`) loads that instead, so
+    tagging needs no scikit-learn import.
     """
-    import joblib
 
     path = Path(path)
     manifest_path = path / MANIFEST_FILE
@@ -434,5 +451,12 @@ def load_artifact(path: Path, approved_tags: list[str]) -> Artifact:
             "tags or restore [tags] approved in tagcli.toml."
         )
 
-    head = joblib.load(path / HEAD_FILE)
+    from tagcli.linear_head import LINEAR_HEAD_FILE, load_linear_head
+
+    if numpy_head and LINEAR_HEAD_FILE in recorded:
+        head = load_linear_head(path / LINEAR_HEAD_FILE)
+    else:
+        import joblib
+
+        head = joblib.load(path / HEAD_FILE)
     return Artifact(path=path, manifest=manifest, head=head)

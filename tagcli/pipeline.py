@@ -342,8 +342,12 @@ def artifact_path(config: Config, model_dir: Path | None) -> Path:
     return newest_artifact(config.paths.models_dir, config.source)
 
 
-def resolve_artifact(config: Config, model_dir: Path | None) -> Artifact:
-    return load_artifact(artifact_path(config, model_dir), config.tags.approved)
+def resolve_artifact(
+    config: Config, model_dir: Path | None, numpy_head: bool = False
+) -> Artifact:
+    return load_artifact(
+        artifact_path(config, model_dir), config.tags.approved, numpy_head
+    )
 
 
 def choose_executor(
@@ -391,7 +395,7 @@ def tag(
     source = open_source(Path(input_path), INPUT_COLUMNS, options.encoding)
     check_output_apart(source.path, output_path)
     check_output_path(output_path, options.overwrite)
-    artifact = load_artifact(model_path, config.tags.approved)
+    artifact = load_artifact(model_path, config.tags.approved, numpy_head=True)
     check_artifact_backend(artifact, config.embedding.backend)
 
     added = output_columns(artifact.tags)

@@ -142,7 +142,7 @@ class Predictor:
         from tagcli.backends import check_artifact_backend, load_artifact_backend
         from tagcli.pipeline import resolve_artifact
 
-        self.artifact = resolve_artifact(config, model_dir)
+        self.artifact = resolve_artifact(config, model_dir, numpy_head=True)
         check_artifact_backend(self.artifact, config.embedding.backend)
         # One item is a few dozen tokens: intra-op threads cost more in
         # hand-offs than they save at that size, and a second thread competes
