@@ -146,34 +146,51 @@ def fit_head(
     return head
 
 
-def choose_c(
-    embeddings, texts, labels, tags, c_grid, folds: int, settings: HeadSettings
+def fold_heads(
+    embeddings, texts, labels, tags, c_value: float, folds: int, settings: HeadSettings
 ):
-    """Pick C by stratified k-fold cross-validation on weighted F1.
+    """Yield (head, test rows) per stratified fold, each head fitted on the other folds.
 
-    Returns (best C, {C: mean weighted F1}). The TF-IDF vocabulary is fitted
-    inside each fold, so no fold's test rows shape its features.
+    The folds depend only on the labels, `folds` and the seed, so `choose_c`
+    and `out_of_fold_logits` use the same ones. The TF-IDF vocabulary is
+    fitted inside each fold, so no fold's test rows shape its features.
     """
     import numpy as np
-    from sklearn.metrics import f1_score
     from sklearn.model_selection import StratifiedKFold
 
     labels = np.asarray(labels)
     smallest_class = min(np.unique(labels, return_counts=True)[1])
     folds = max(2, min(folds, smallest_class))
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=settings.seed)
+    for train_index, test_index in splitter.split(embeddings, labels):
+        head = fit_head(
+            embeddings[train_index],
+            [texts[i] for i in train_index],
+            labels[train_index],
+            tags,
+            c_value,
+            settings,
+        )
+        yield head, test_index
+
+
+def choose_c(
+    embeddings, texts, labels, tags, c_grid, folds: int, settings: HeadSettings
+):
+    """Pick C by stratified k-fold cross-validation on weighted F1.
+
+    Returns (best C, {C: mean weighted F1}).
+    """
+    import numpy as np
+    from sklearn.metrics import f1_score
+
+    labels = np.asarray(labels)
     scores: dict[float, float] = {}
     for c_value in c_grid:
         fold_scores = []
-        for train_index, test_index in splitter.split(embeddings, labels):
-            head = fit_head(
-                embeddings[train_index],
-                [texts[i] for i in train_index],
-                labels[train_index],
-                tags,
-                c_value,
-                settings,
-            )
+        for head, test_index in fold_heads(
+            embeddings, texts, labels, tags, c_value, folds, settings
+        ):
             predicted = head.predict(
                 embeddings[test_index], [texts[i] for i in test_index]
             )
@@ -196,22 +213,11 @@ def out_of_fold_logits(
     from a head that never saw it.
     """
     import numpy as np
-    from sklearn.model_selection import StratifiedKFold
 
-    labels = np.asarray(labels)
-    smallest_class = min(np.unique(labels, return_counts=True)[1])
-    folds = max(2, min(folds, smallest_class))
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=settings.seed)
     logits = np.zeros((len(labels), len(tags)))
-    for train_index, test_index in splitter.split(embeddings, labels):
-        head = fit_head(
-            embeddings[train_index],
-            [texts[i] for i in train_index],
-            labels[train_index],
-            tags,
-            c_value,
-            settings,
-        )
+    for head, test_index in fold_heads(
+        embeddings, texts, labels, tags, c_value, folds, settings
+    ):
         logits[test_index] = head.logits(
             embeddings[test_index], [texts[i] for i in test_index]
         )
