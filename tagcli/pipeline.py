@@ -85,7 +85,7 @@ class TagWorker:
     (see `tagcli.lazy_backend`). The head, and the ONNX export or a local
     model folder if the artifact has one, arrive through Ray's object store,
     so workers on other nodes need no shared file system; neither does the
-    embedding cache, which `cache_service` answers from the driver's node.
+    embedding cache, which `cache_service` serves from the driver's node.
     Each arrives wrapped in a one-element list: Ray then passes the ObjectRef
     instead of resolving it into the constructor arguments, which a restarted
     actor could no longer read once they were freed.
